@@ -1,0 +1,1 @@
+"""The library behind the stages: data, models, training loops, tracking, report."""

@@ -1,0 +1,78 @@
+"""Getting a data file into place: from a mirror folder or the network, checksum-verified, atomic.
+
+A file is written to `<dest>.partial` and moved into place only after its checksum matched, so
+an interrupted or failed fetch never leaves a file that a later stage (or DVC) would accept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+NETWORK_TIMEOUT_S = 15
+
+
+class DataError(RuntimeError):
+    """A dataset could not be put in place or is malformed; the message says what to do."""
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mirror_dir(param_value: str) -> Path | None:
+    """The mirror folder: $DATA_MIRROR if set, else the `data.mirror_dir` param, else none."""
+    value = os.environ.get("DATA_MIRROR") or param_value
+    return Path(value).expanduser() if value else None
+
+
+def _verify(path: Path, expected: str, algorithm: str, origin: str) -> None:
+    if not expected:
+        return
+    actual = file_digest(path, algorithm)
+    if actual != expected:
+        raise DataError(f"{origin}: {algorithm} is {actual}, expected {expected} "
+                        f"(truncated or corrupt file)")
+
+
+def fetch(dest: Path, url: str, expected: str, algorithm: str = "sha256",
+          mirror: Path | None = None, way_out: str = "") -> str:
+    """Put the file at `dest`; return where it came from ("mirror" or "download").
+
+    Tries the mirror's file of the same name first (when a mirror is given), else the URL.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    tried = []
+    try:
+        if mirror is not None:
+            source = mirror / dest.name
+            if source.exists():
+                shutil.copyfile(source, partial)
+                _verify(partial, expected, algorithm, f"mirror file {source}")
+                os.replace(partial, dest)
+                return "mirror"
+            tried.append(f"mirror {source}: no such file")
+        try:
+            with urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT_S) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as error:  # URLError, timeouts and HTTP errors are OSErrors
+            tried.append(f"download {url}: {error}")
+            raise DataError(f"could not get {dest.name}. Tried:\n  - " + "\n  - ".join(tried)
+                            + f"\nWays out: {way_out}") from None
+        _verify(partial, expected, algorithm, f"download {url}")
+        os.replace(partial, dest)
+        return "download"
+    except DataError as error:
+        if "truncated or corrupt" in str(error):
+            raise DataError(f"{error}\nNothing was kept. Ways out: {way_out}") from None
+        raise
+    finally:
+        partial.unlink(missing_ok=True)

@@ -1,0 +1,58 @@
+"""Matplotlib figures shared by stages and the report (Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def forecast(history: np.ndarray, truth: np.ndarray, prediction: np.ndarray, title: str, path: Path) -> Path:
+    """Input history, ground truth and prediction of one channel on one time axis."""
+    fig, ax = plt.subplots(figsize=(8, 3))
+    t_hist = np.arange(len(history))
+    t_future = np.arange(len(history), len(history) + len(truth))
+    ax.plot(t_hist, history, color="0.4", label="input history")
+    ax.plot(t_future, truth, color="tab:blue", label="ground truth")
+    ax.plot(t_future, prediction, color="tab:red", label="prediction")
+    ax.axvline(len(history) - 0.5, color="0.7", linestyle="--", linewidth=0.8)
+    ax.set(title=title, xlabel="time step (hours)", ylabel="OT (standardised)")
+    ax.legend(loc="upper left", fontsize=8)
+    return save(fig, path)
+
+
+def smooth(values, factor: float = 0.6) -> np.ndarray:
+    """Exponential moving average, as TensorBoard's smoothing slider (factor 0.6)."""
+    out, last = [], None
+    for v in values:
+        last = v if last is None else factor * last + (1 - factor) * v
+        out.append(last)
+    return np.array(out)
+
+
+def curves(series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, xlabel: str, ylabel: str, path: Path,
+           smoothing: float | None = None) -> Path:
+    """Several named (x, y) series on one axis; with `smoothing`, raw faint and smoothed solid."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (name, (x, y)) in enumerate(series.items()):
+        color = f"C{i}"
+        if smoothing is not None:
+            ax.plot(x, y, color=color, alpha=0.3, linewidth=1)
+            ax.plot(x, smooth(y, smoothing), color=color, label=f"{name} (smoothed {smoothing})")
+        else:
+            ax.plot(x, y, color=color, label=name, marker="o" if len(x) < 30 else None, markersize=3)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)

@@ -1,0 +1,81 @@
+"""Part 2: the decomposition MLP forecaster in numpy with a hand-written backward pass.
+
+input x (rows, L) -> trend = moving average of x (kernel k, edge padding), seasonal = x - trend
+prediction = MLP_s(seasonal) + MLP_t(trend), each MLP = Linear(L, H) -> ReLU -> Linear(H, P).
+Rows are (window, channel) pairs: the two MLPs are shared across the channels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def moving_average(x: np.ndarray, kernel: int) -> np.ndarray:
+    """Centred moving average along the last axis, edges padded with the end values; via cumsum."""
+    pad = (kernel - 1) // 2
+    padded = np.concatenate([np.repeat(x[..., :1], pad, axis=-1), x, np.repeat(x[..., -1:], pad, axis=-1)], axis=-1)
+    csum = np.cumsum(padded, axis=-1, dtype=np.float64)
+    csum = np.concatenate([np.zeros_like(csum[..., :1]), csum], axis=-1)
+    return ((csum[..., kernel:] - csum[..., :-kernel]) / kernel).astype(x.dtype)
+
+
+def init_params(input_len: int, hidden: int, pred_len: int, rng: np.random.Generator, dtype=np.float32) -> dict:
+    """Seasonal MLP: He initialisation; trend MLP: small random values (N(0, 0.01^2))."""
+    def he(fan_in, fan_out):
+        return rng.normal(0, np.sqrt(2.0 / fan_in), size=(fan_in, fan_out)).astype(dtype)
+
+    def small(fan_in, fan_out):
+        return rng.normal(0, 0.01, size=(fan_in, fan_out)).astype(dtype)
+
+    return {"s_w1": he(input_len, hidden), "s_b1": np.zeros(hidden, dtype), "s_w2": he(hidden, pred_len),
+            "s_b2": np.zeros(pred_len, dtype),
+            "t_w1": small(input_len, hidden), "t_b1": np.zeros(hidden, dtype), "t_w2": small(hidden, pred_len),
+            "t_b2": np.zeros(pred_len, dtype)}
+
+
+def normalise(x: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window normalisation: subtract the window's last value or mean (added back later)."""
+    if mode == "none":
+        return x, np.zeros_like(x[..., :1])
+    offset = x[..., -1:] if mode == "last" else x.mean(axis=-1, keepdims=True)
+    return x - offset, offset
+
+
+def forward(params: dict, x: np.ndarray, kernel: int, window_norm: str = "none"):
+    """Prediction (rows, P) and the cache the backward pass needs."""
+    x, offset = normalise(x, window_norm)
+    trend = moving_average(x, kernel)
+    seasonal = x - trend
+    cache = {}
+    out = offset.copy() if window_norm != "none" else 0.0
+    for part, inputs in (("s", seasonal), ("t", trend)):
+        pre = inputs @ params[f"{part}_w1"] + params[f"{part}_b1"]
+        hidden = np.maximum(pre, 0)
+        out = out + hidden @ params[f"{part}_w2"] + params[f"{part}_b2"]
+        cache[part] = (inputs, hidden)
+    return out, cache
+
+
+def backward(params: dict, cache: dict, d_out: np.ndarray) -> dict:
+    """Gradients of the loss for every parameter, given d loss / d prediction (rows, P)."""
+    grads = {}
+    for part in ("s", "t"):
+        inputs, hidden = cache[part]
+        grads[f"{part}_w2"] = hidden.T @ d_out
+        grads[f"{part}_b2"] = d_out.sum(axis=0)
+        d_pre = (d_out @ params[f"{part}_w2"].T) * (hidden > 0)   # ReLU'
+        grads[f"{part}_w1"] = inputs.T @ d_pre
+        grads[f"{part}_b1"] = d_pre.sum(axis=0)
+    return grads
+
+
+def mse_grad(pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+    """Element-mean MSE (over rows and steps) and its gradient for the prediction."""
+    err = pred - target
+    return float(np.mean(err * err)), (2.0 / err.size) * err
+
+
+def predict(params: dict, x: np.ndarray, kernel: int, window_norm: str, chunk: int = 8192) -> np.ndarray:
+    """Predictions for many rows, in chunks to bound memory."""
+    return np.concatenate([forward(params, x[i:i + chunk], kernel, window_norm)[0]
+                           for i in range(0, len(x), chunk)])

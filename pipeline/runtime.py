@@ -1,0 +1,39 @@
+"""What every stage does first: clear errors instead of tracebacks for bad input, seeding, device."""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Callable
+
+import numpy as np
+
+from pipeline.data.fetch import DataError
+from pipeline.params import ParamsError
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured; the message says why and what to do."""
+
+
+def run_stage(main: Callable[[list[str]], None]) -> None:
+    """Run a stage's main(argv); bad params or data end with one message and exit code 2."""
+    try:
+        main(sys.argv[1:])
+    except (ParamsError, DataError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no outputs were accepted; re-run the stage to start again", file=sys.stderr)
+        sys.exit(130)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and (when installed) torch together."""
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(seed)

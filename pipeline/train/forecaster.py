@@ -1,0 +1,98 @@
+"""Training the numpy forecaster: mini-batch SGD (optionally momentum) with weight decay, the
+learning rate multiplied by `lr_decay` after every epoch, early stopping on validation loss with
+the best-validation weights kept."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from pipeline.models import mlp_forecaster as model
+from pipeline.params import Mlp
+
+
+@dataclass
+class ForecastData:
+    """Windows of the standardised series; rows are (window, channel), shapes (N*C, L) / (N*C, P)."""
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_channels: int
+
+    @classmethod
+    def from_windows(cls, splits: dict[str, tuple[np.ndarray, np.ndarray]], dtype) -> "ForecastData":
+        rows = {}
+        for split, (x, y) in splits.items():
+            rows[f"x_{split}"] = x.reshape(-1, x.shape[-1]).astype(dtype, copy=False)
+            rows[f"y_{split}"] = y.reshape(-1, y.shape[-1]).astype(dtype, copy=False)
+        return cls(**rows, n_channels=splits["train"][0].shape[1])
+
+
+@dataclass
+class FitResult:
+    params: dict
+    history: list[dict] = field(default_factory=list)   # one row per epoch
+    best_epoch: int = 0
+    best_val_loss: float = float("inf")
+    seconds: float = 0.0
+
+
+def evaluate(params: dict, x: np.ndarray, y: np.ndarray, cfg: Mlp) -> dict:
+    pred = model.predict(params, x, cfg.kernel, cfg.window_norm)
+    err = pred.astype(np.float64) - y
+    return {"mse": float(np.mean(err ** 2)), "mae": float(np.mean(np.abs(err)))}
+
+
+def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(cfg.dtype)
+    params = model.init_params(cfg.input_len, cfg.hidden, cfg.pred_len, rng, dtype)
+    velocity = {k: np.zeros_like(v) for k, v in params.items()}
+    result = FitResult(params={k: v.copy() for k, v in params.items()})
+    n_windows = len(data.x_train) // data.n_channels
+    channel_offsets = np.arange(data.n_channels)
+    lr, stale, start = cfg.lr, 0, time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        order = rng.permutation(n_windows)
+        losses = []
+        for i in range(0, n_windows, cfg.batch_size):
+            # A batch is `batch_size` windows with all their channels.
+            rows = (order[i:i + cfg.batch_size, None] * data.n_channels + channel_offsets).reshape(-1)
+            x, y = data.x_train[rows], data.y_train[rows]
+            pred, cache = model.forward(params, x, cfg.kernel, cfg.window_norm)
+            loss, d_pred = model.mse_grad(pred, y)
+            grads = model.backward(params, cache, d_pred.astype(dtype, copy=False))
+            for name, grad in grads.items():
+                if name.endswith(("w1", "w2")) and cfg.weight_decay:
+                    grad += cfg.weight_decay * params[name]
+                if cfg.optimizer == "momentum":
+                    velocity[name] *= cfg.momentum
+                    velocity[name] += grad
+                    grad = velocity[name]
+                params[name] -= lr * grad
+            losses.append(loss)
+        if not np.isfinite(losses[-1]):
+            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {losses[-1]}); "
+                                     f"lower mlp.lr (now {cfg.lr})")
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+               "valid_loss": evaluate(params, data.x_val, data.y_val, cfg)["mse"],
+               "test_loss": evaluate(params, data.x_test, data.y_test, cfg)["mse"], "lr": lr}
+        result.history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if row["valid_loss"] < result.best_val_loss:
+            result.best_val_loss, result.best_epoch, stale = row["valid_loss"], epoch, 0
+            result.params = {k: v.copy() for k, v in params.items()}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+        lr *= cfg.lr_decay
+    result.seconds = time.perf_counter() - start
+    return result
