@@ -56,3 +56,26 @@ def curves(series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, xlabel:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def confusion(matrix: np.ndarray, title: str, path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    im = ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set(title=title, xlabel="predicted class", ylabel="actual class",
+           xticks=range(len(matrix)), yticks=range(len(matrix)))
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return save(fig, Path(path))
+
+
+def panels(images: list[tuple[str, np.ndarray]], title: str, path: Path) -> Path:
+    """A row of images, each with its own title (the first may be RGB)."""
+    fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.3))
+    for ax, (name, image) in zip(axes, images):
+        ax.imshow(image, cmap=None if image.ndim == 3 else "viridis")
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title)
+    return save(fig, path)

@@ -72,7 +72,7 @@ class Backprop:
     window: int = 24          # L: time steps per sample
     horizon: int = 24         # steps after the window whose OT mean sets the label
     classes: int = 3          # K: 2 (down/up) or 3 (down/flat/up)
-    threshold: float = 0.25   # "flat" band, in standard deviations of OT
+    threshold: float = 0.5    # "flat" band, in standard deviations of OT within the window
     lr: float = 0.1
     batch_size: int = 64
     epochs: int = 20
@@ -107,6 +107,7 @@ class Mlp:
     epochs: int = 10
     patience: int = 3
     lr_decay: float = 0.5     # learning rate multiplied by this after every epoch
+    clip_norm: float = 1.0    # clip the global gradient norm to this (0 = no clipping)
     # Per-window normalisation: subtract the window's last value (or mean) and add it back.
     window_norm: Literal["none", "last", "mean"] = "none"
     optimizer: Literal["sgd", "momentum"] = "sgd"
@@ -125,6 +126,7 @@ class Mlp:
         _check(self.patience >= 1, "mlp.patience", "must be at least 1")
         _check(0 < self.lr_decay <= 1, "mlp.lr_decay", "must be in (0, 1]")
         _check(0 <= self.momentum < 1, "mlp.momentum", "must be in [0, 1)")
+        _check(self.clip_norm >= 0, "mlp.clip_norm", "must be >= 0")
 
 
 CNN_MODELS = ("resnet18", "densenet121")
@@ -153,7 +155,7 @@ class Cnn:
     select_by: Literal["auc", "acc"] = "auc"
     log_every: int = 100      # iterations between train-loss / validation logs
     max_steps_per_epoch: int = 0  # 0 = the whole split (a cap for smoke runs)
-    resume: bool = True       # continue from the epoch checkpoint when one matches
+    resume: bool = False      # continue from the epoch checkpoint of an interrupted run (same config)
 
     def __post_init__(self):
         _check(self.epochs >= 1, "cnn.epochs", "must be at least 1")

@@ -79,3 +79,28 @@ def windows(series: np.ndarray, input_len: int, pred_len: int) -> tuple[np.ndarr
     x = np.ascontiguousarray(view[:n, :, :input_len])
     y = np.ascontiguousarray(view[:n, :, input_len:])
     return x, y
+
+
+def direction_labels(series: np.ndarray, target: int, window: int, horizon: int, threshold: float,
+                     classes: int, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Part 1's classification task: windows (N, L, D) labelled by where the target column goes next.
+
+    delta = (mean of the target over the `horizon` steps after the window - its last value in the
+    window) / the target's standard deviation within the window. Scaling by the window's own
+    volatility keeps the classes balanced on every split (ETTh1's test period is much calmer than
+    its train period). K=3: down (delta < -threshold), flat, up (delta > threshold); K=2: down/up.
+    """
+    starts = np.arange(0, len(series) - window - horizon + 1, stride)
+    if len(starts) == 0:
+        raise DataError(f"series of {len(series)} steps is too short for window {window} + horizon {horizon}")
+    view = np.lib.stride_tricks.sliding_window_view(series, window, axis=0)   # (T-L+1, D, L)
+    x = np.ascontiguousarray(view[starts].transpose(0, 2, 1))                 # (N, L, D)
+    csum = np.concatenate([[0.0], np.cumsum(series[:, target], dtype=np.float64)])
+    future_mean = (csum[starts + window + horizon] - csum[starts + window]) / horizon
+    window_std = x[:, :, target].std(axis=1)
+    delta = (future_mean - series[starts + window - 1, target]) / np.maximum(window_std, 1e-6)
+    if classes == 2:
+        labels = (delta >= 0).astype(np.int64)
+    else:
+        labels = np.where(delta < -threshold, 0, np.where(delta > threshold, 2, 1)).astype(np.int64)
+    return x, labels

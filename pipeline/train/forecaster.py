@@ -68,6 +68,11 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
             pred, cache = model.forward(params, x, cfg.kernel, cfg.window_norm)
             loss, d_pred = model.mse_grad(pred, y)
             grads = model.backward(params, cache, d_pred.astype(dtype, copy=False))
+            if cfg.clip_norm:
+                norm = np.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+                if norm > cfg.clip_norm:
+                    for grad in grads.values():
+                        grad *= cfg.clip_norm / norm
             for name, grad in grads.items():
                 if name.endswith(("w1", "w2")) and cfg.weight_decay:
                     grad += cfg.weight_decay * params[name]

@@ -1,0 +1,213 @@
+"""One training loop for every CNN experiment.
+
+The whole split lives on the device as one uint8 tensor; batches are taken by index, normalised
+and augmented on the device; channels_last; bf16 autocast on CUDA; large evaluation batches.
+Metrics are MedMNIST's own (`medmnist.evaluator.getAUC/getACC`). A checkpoint is written after
+every epoch so an interrupted run can resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from medmnist.evaluator import getACC, getAUC
+
+from pipeline.data.pathmnist import PathMnist
+from pipeline.params import Cnn
+from pipeline.runtime import StageError
+from pipeline.train import augment
+
+TASK = "multi-class"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StageError("base.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_determinism(seed: int, device: torch.device) -> None:
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        # Deterministic cuDNN kernels; a few ops (e.g. grid_sample's backward, unused here for
+        # inputs) have no deterministic CUDA version, so warn rather than fail.
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass
+class DeviceSplit:
+    images: torch.Tensor   # (N, H, W, 3) uint8 on the device
+    labels: torch.Tensor   # (N,) int64 on the device
+    labels_np: np.ndarray
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """Float NCHW batch in channels_last memory layout (a permuted view of NHWC)."""
+        return augment.to_input(self.images[index].permute(0, 3, 1, 2))
+
+
+def to_device(data: PathMnist, device: torch.device) -> dict[str, DeviceSplit]:
+    return {s: DeviceSplit(torch.from_numpy(data.images[s]).to(device), torch.from_numpy(data.labels[s]).to(device),
+                           data.labels[s]) for s in data.images}
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, split: DeviceSplit, batch_size: int) -> np.ndarray:
+    """Softmax scores (N, classes) as float32 numpy."""
+    was_training = model.training
+    model.eval()
+    device = split.images.device
+    scores = []
+    for i in range(0, len(split.labels), batch_size):
+        index = torch.arange(i, min(i + batch_size, len(split.labels)), device=device)
+        with _autocast(device):
+            logits = model(split.batch(index))
+        scores.append(torch.softmax(logits.float(), dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(scores).numpy()
+
+
+def evaluate(model, split: DeviceSplit, batch_size: int) -> tuple[dict, np.ndarray]:
+    scores = predict(model, split, batch_size)
+    return {"auc": float(getAUC(split.labels_np, scores, TASK)), "acc": float(getACC(split.labels_np, scores, TASK))}, scores
+
+
+def make_scheduler(optimizer, cfg: Cnn):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.step_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+@dataclass
+class TrainResult:
+    best_state: dict
+    best_epoch: int
+    best_val: dict
+    curve: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    resumed_from: int = 0
+
+
+def fingerprint(cfg: Cnn, seed: int, data: PathMnist) -> str:
+    """What a checkpoint must match to be resumed: the training config, seed and data shapes."""
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "eval_batch_size", "log_every")}
+    shapes = {s: list(x.shape) for s, x in data.images.items()}
+    return hashlib.sha256(json.dumps([relevant, seed, shapes, data.source], sort_keys=True).encode()).hexdigest()
+
+
+def train(model: torch.nn.Module, data: PathMnist, cfg: Cnn, device: torch.device, seed: int,
+          log: Callable[[dict, int], None], checkpoint: Path | None = None) -> TrainResult:
+    set_determinism(seed, device)
+    splits = to_device(data, device)
+    train_split, val_split = splits["train"], splits["val"]
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n = len(train_split.labels)
+    steps_per_epoch = -(-n // cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    key = fingerprint(cfg, seed, data)
+    result = TrainResult(best_state={}, best_epoch=0, best_val={"auc": -1.0, "acc": -1.0})
+    start_epoch, step = 1, 0
+
+    if checkpoint is not None and cfg.resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state.get("fingerprint") == key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"].cpu())
+            result = TrainResult(best_state=state["best_state"], best_epoch=state["best_epoch"],
+                                 best_val=state["best_val"], curve=state["curve"],
+                                 train_seconds=state["train_seconds"], images_seen=state["images_seen"],
+                                 resumed_from=state["epoch"])
+            start_epoch, step = state["epoch"] + 1, state["step"]
+            print(f"resuming from {checkpoint} after epoch {state['epoch']}")
+        else:
+            print(f"{checkpoint} is from another configuration; starting afresh")
+
+    model.train()
+    running, running_n = 0.0, 0
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            order = torch.randperm(n, device=device, generator=generator)
+            tick = time.perf_counter()
+            for i in range(steps_per_epoch):
+                index = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                x = augment.apply(train_split.batch(index), cfg.augment, cfg.rotation_degrees, generator)
+                with _autocast(device):
+                    loss = F.cross_entropy(model(x), train_split.labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                result.images_seen += len(index)
+                running += loss.detach()
+                running_n += 1
+                if step % cfg.log_every == 0:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    result.train_seconds += time.perf_counter() - tick
+                    val, _ = evaluate(model, val_split, cfg.eval_batch_size)
+                    row = {"step": step, "epoch": epoch, "train_loss": float(running) / running_n,
+                           "val_auc": val["auc"], "val_acc": val["acc"]}
+                    result.curve.append(row)
+                    log({"train_loss": row["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"]}, step)
+                    running, running_n = 0.0, 0
+                    tick = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            result.train_seconds += time.perf_counter() - tick
+            scheduler.step()
+            val, _ = evaluate(model, val_split, cfg.eval_batch_size)
+            log({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"]}, step)
+            if val[cfg.select_by] > result.best_val[cfg.select_by]:
+                result.best_val, result.best_epoch = val, epoch
+                result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, {
+                    "fingerprint": key, "epoch": epoch, "step": step, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(), "best_state": result.best_state,
+                    "best_epoch": result.best_epoch, "best_val": result.best_val, "curve": result.curve,
+                    "train_seconds": result.train_seconds, "images_seen": result.images_seen})
+    except torch.cuda.OutOfMemoryError:
+        raise StageError(f"CUDA out of memory with cnn.batch_size={cfg.batch_size} and "
+                         f"cnn.eval_batch_size={cfg.eval_batch_size}; try smaller values, e.g. "
+                         f"`dvc exp run -S cnn.defaults.batch_size={max(1, cfg.batch_size // 2)}`") from None
+    if running_n:   # end the curve at the last step
+        val, _ = evaluate(model, val_split, cfg.eval_batch_size)
+        result.curve.append({"step": step, "epoch": cfg.epochs, "train_loss": float(running) / running_n,
+                             "val_auc": val["auc"], "val_acc": val["acc"]})
+    model.load_state_dict(result.best_state)
+    return result
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a checkpoint is either the previous epoch's or this one's, never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
