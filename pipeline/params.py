@@ -26,6 +26,15 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ParamsError(f"params.yaml: {key}: {message}")
 
 
+class _FieldError(ValueError):
+    """A range check inside a section; `_build` adds the section's full key."""
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(field_name, message)
+
+
 @dataclass
 class Base:
     seed: int = 2023
@@ -51,11 +60,11 @@ class PathMnistData:
     synthetic_test: int = 800
 
     def __post_init__(self):
-        _check(self.size in (28, 64, 128, 224) or self.source == "synthetic", "data.pathmnist.size",
+        _require(self.size in (28, 64, 128, 224) or self.source == "synthetic", "size",
                f"{self.size} is not a MedMNIST size (28, 64, 128, 224)")
-        _check(8 <= self.size <= 512, "data.pathmnist.size", f"{self.size} must be in [8, 512]")
+        _require(8 <= self.size <= 512, "size", f"{self.size} must be in [8, 512]")
         for name in ("synthetic_train", "synthetic_val", "synthetic_test"):
-            _check(getattr(self, name) >= 9, f"data.pathmnist.{name}", "must be at least 9 (one per class)")
+            _require(getattr(self, name) >= 9, name, "must be at least 9 (one per class)")
 
 
 @dataclass
@@ -81,15 +90,15 @@ class Backprop:
     check_window: int = 6     # small L for the gradient check (finite differences are O(params))
 
     def __post_init__(self):
-        _check(self.window >= 2, "backprop.window", f"{self.window} must be at least 2")
-        _check(self.horizon >= 1, "backprop.horizon", "must be at least 1")
-        _check(self.classes in (2, 3), "backprop.classes", f"{self.classes} must be 2 or 3 (K >= 2)")
-        _check(self.threshold >= 0, "backprop.threshold", "must be >= 0")
-        _check(self.lr > 0, "backprop.lr", f"{self.lr} must be positive")
-        _check(self.batch_size >= 1, "backprop.batch_size", "must be at least 1")
-        _check(self.epochs >= 1, "backprop.epochs", "must be at least 1")
-        _check(self.stride >= 1, "backprop.stride", "must be at least 1")
-        _check(self.check_batch >= 1 and self.check_window >= 2, "backprop.check_batch/check_window",
+        _require(self.window >= 2, "window", f"{self.window} must be at least 2")
+        _require(self.horizon >= 1, "horizon", "must be at least 1")
+        _require(self.classes in (2, 3), "classes", f"{self.classes} must be 2 or 3 (K >= 2)")
+        _require(self.threshold >= 0, "threshold", "must be >= 0")
+        _require(self.lr > 0, "lr", f"{self.lr} must be positive")
+        _require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        _require(self.epochs >= 1, "epochs", "must be at least 1")
+        _require(self.stride >= 1, "stride", "must be at least 1")
+        _require(self.check_batch >= 1 and self.check_window >= 2, "check_batch/check_window",
                "must be >= 1 and >= 2")
 
 
@@ -115,18 +124,18 @@ class Mlp:
     dtype: Literal["float32", "float64"] = "float32"
 
     def __post_init__(self):
-        _check(self.input_len >= 2, "mlp.input_len", "must be at least 2")
-        _check(self.pred_len >= 1, "mlp.pred_len", "must be at least 1")
-        _check(self.kernel >= 1 and self.kernel % 2 == 1, "mlp.kernel", f"{self.kernel} must be odd and >= 1")
-        _check(self.hidden >= 1, "mlp.hidden", "must be at least 1")
-        _check(self.lr > 0, "mlp.lr", f"{self.lr} must be positive")
-        _check(self.weight_decay >= 0, "mlp.weight_decay", "must be >= 0")
-        _check(self.batch_size >= 1, "mlp.batch_size", "must be at least 1")
-        _check(self.epochs >= 1, "mlp.epochs", "must be at least 1")
-        _check(self.patience >= 1, "mlp.patience", "must be at least 1")
-        _check(0 < self.lr_decay <= 1, "mlp.lr_decay", "must be in (0, 1]")
-        _check(0 <= self.momentum < 1, "mlp.momentum", "must be in [0, 1)")
-        _check(self.clip_norm >= 0, "mlp.clip_norm", "must be >= 0")
+        _require(self.input_len >= 2, "input_len", "must be at least 2")
+        _require(self.pred_len >= 1, "pred_len", "must be at least 1")
+        _require(self.kernel >= 1 and self.kernel % 2 == 1, "kernel", f"{self.kernel} must be odd and >= 1")
+        _require(self.hidden >= 1, "hidden", "must be at least 1")
+        _require(self.lr > 0, "lr", f"{self.lr} must be positive")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        _require(self.epochs >= 1, "epochs", "must be at least 1")
+        _require(self.patience >= 1, "patience", "must be at least 1")
+        _require(0 < self.lr_decay <= 1, "lr_decay", "must be in (0, 1]")
+        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        _require(self.clip_norm >= 0, "clip_norm", "must be >= 0")
 
 
 CNN_MODELS = ("resnet18", "densenet121")
@@ -158,14 +167,14 @@ class Cnn:
     resume: bool = False      # continue from the epoch checkpoint of an interrupted run (same config)
 
     def __post_init__(self):
-        _check(self.epochs >= 1, "cnn.epochs", "must be at least 1")
-        _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "cnn.batch_size", "must be at least 1")
-        _check(self.lr > 0, "cnn.lr", f"{self.lr} must be positive")
-        _check(self.step_size >= 1 and 0 < self.step_gamma <= 1, "cnn.step_size/step_gamma",
+        _require(self.epochs >= 1, "epochs", "must be at least 1")
+        _require(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch_size", "must be at least 1")
+        _require(self.lr > 0, "lr", f"{self.lr} must be positive")
+        _require(self.step_size >= 1 and 0 < self.step_gamma <= 1, "step_size/step_gamma",
                "step_size >= 1 and step_gamma in (0, 1]")
-        _check(0 <= self.rotation_degrees <= 180, "cnn.rotation_degrees", "must be in [0, 180]")
-        _check(self.log_every >= 1, "cnn.log_every", "must be at least 1")
-        _check(self.max_steps_per_epoch >= 0, "cnn.max_steps_per_epoch", "must be >= 0")
+        _require(0 <= self.rotation_degrees <= 180, "rotation_degrees", "must be in [0, 180]")
+        _require(self.log_every >= 1, "log_every", "must be at least 1")
+        _require(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", "must be >= 0")
 
 
 @dataclass
@@ -251,7 +260,11 @@ def _build(cls, data: dict, prefix: str):
     _check(not unknown, f"{prefix}.{unknown[0]}" if unknown else prefix,
            f"unknown key; allowed keys of {prefix}: {', '.join(sorted(known))}")
     kwargs = {name: _convert(hints[name], value, f"{prefix}.{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except _FieldError as error:
+        field_name, message = error.args
+        raise ParamsError(f"params.yaml: {prefix}.{field_name}: {message}") from None
 
 
 def parse(raw: dict) -> Params:

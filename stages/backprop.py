@@ -27,10 +27,11 @@ def main(argv):
     cfg = params.backprop
     name = params.data.ett.name
     frame = ett.load_csv(ett_csv(name))
-    val_rows = ett.split_borders(name, len(frame), cfg.window)["val"]
-    if cfg.window + cfg.horizon > val_rows[1] - val_rows[0]:
+    borders = ett.split_borders(name, len(frame), 0)
+    period = borders["test"][1] - borders["test"][0]   # rows of the validation/test period
+    if cfg.window + cfg.horizon > period:
         raise StageError(f"backprop.window + backprop.horizon = {cfg.window + cfg.horizon} exceeds the "
-                         f"{val_rows[1] - val_rows[0]} rows of the validation split; use smaller values")
+                         f"{period} rows of {name}'s validation period; use smaller values")
     seed_everything(params.base.seed)
     rng = np.random.default_rng(params.base.seed)
     splits = ett.standardised_splits(frame, name, cfg.window)

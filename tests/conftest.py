@@ -1,0 +1,93 @@
+"""Shared test machinery: small params (shrunk configs, same code), throw-away repository copies,
+and one end-to-end `dvc exp run` of the whole pipeline that several tests inspect."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def small_params() -> dict:
+    """The repository's params.yaml, shrunk: tiny synthetic PathMNIST, 1 epoch, small MLPs."""
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["data"]["pathmnist"].update(source="synthetic", size=32, synthetic_train=180, synthetic_val=54,
+                                  synthetic_test=54)
+    p["backprop"].update(epochs=2)
+    p["mlp"]["defaults"].update(epochs=2, hidden=32)
+    p["mlp"]["variants"]["h1024"] = {"hidden": 48}
+    p["mlp"]["variants"]["h2048"] = {"hidden": 64}
+    p["cnn"]["defaults"].update(epochs=1, batch_size=32, eval_batch_size=64, log_every=2)
+    p["cnn"]["experiments"]["finetune"]["epochs"] = 1
+    return p
+
+
+def env(**extra) -> dict:
+    """Environment for stage subprocesses: the venv first on PATH, the shared data as mirror."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    e["PATH"] = VENV_BIN + os.pathsep + e.get("PATH", "")
+    e["DATA_MIRROR"] = str(SHARED_DATA)
+    e["PYTHONUNBUFFERED"] = "1"
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900, **extra_env) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
+                             f"stderr:\n{result.stderr[-4000:]}")
+    return result
+
+
+def make_repo_copy(dest: Path, params: dict | None = None) -> Path:
+    """A git repository holding the working tree's project files (tracked and new, not ignored)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        src = REPO / name
+        if src.is_file() and not name.startswith(("metrics/", "dvc.lock")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    if params is not None:
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "test copy"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def local_densenet_weights(tmp_path_factory) -> Path:
+    """A locally saved DenseNet121 state dict, standing in for the ImageNet download offline."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "densenet121_imagenet.pt"
+    torch.save(torchvision.models.densenet121().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pipeline_repo(tmp_path_factory, local_densenet_weights) -> Path:
+    """A throw-away copy of the project after `dvc exp run -n e2e` with small params."""
+    params = small_params()
+    params["cnn"]["experiments"]["finetune"]["weights_file"] = str(local_densenet_weights)
+    repo = make_repo_copy(tmp_path_factory.mktemp("e2e"), params)
+    run([str(Path(VENV_BIN) / "dvc"), "exp", "run", "-n", "e2e"], repo, timeout=1800)
+    return repo
+
+
+def dvc(repo: Path, *args, **kw) -> subprocess.CompletedProcess:
+    return run([str(Path(VENV_BIN) / "dvc"), *args], repo, **kw)

@@ -1,0 +1,98 @@
+"""The whole pipeline through real DVC and real MLflow, on a throw-away copy with small params."""
+
+import json
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import dvc, small_params
+
+MLP_VARIANTS = list(small_params()["mlp"]["variants"])
+CNN_RUNS = [*small_params()["cnn"]["experiments"], *small_params()["cnn"]["ablations"]]
+
+
+def test_every_stage_wrote_its_metrics(pipeline_repo):
+    for variant in MLP_VARIANTS:
+        metrics = json.loads((pipeline_repo / f"metrics/mlp/{variant}.json").read_text())
+        assert metrics["n_test_windows"] == 2689          # every stride-1 test window, none dropped
+        assert 0 < metrics["test_mse"] < 2 and 0 < metrics["test_mae"] < 2
+    for name in CNN_RUNS:
+        metrics = json.loads((pipeline_repo / f"metrics/cnn/{name}.json").read_text())
+        assert 0 <= metrics["test_auc"] <= 1 and 0 <= metrics["test_acc"] <= 1
+        assert metrics["images_per_second"] > 0
+        run_info = json.loads((pipeline_repo / f"metrics/cnn/{name}.run.json").read_text())
+        assert "synthetic" in run_info["data_source"]
+    backprop = json.loads((pipeline_repo / "metrics/backprop.json").read_text())
+    assert max(backprop["fd_max_rel_error"].values()) < 1e-5
+
+
+def test_dvc_exp_show_has_every_final_metric(pipeline_repo):
+    shown = json.loads(dvc(pipeline_repo, "exp", "show", "--json").stdout)
+    experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
+    named = [e for e in experiments if e.get("name") == "e2e"]
+    assert named, f"experiment e2e not in dvc exp show: {[e.get('name') for e in experiments]}"
+    data = named[0]["revs"][0]["data"]
+    metric_files = data["metrics"]
+    for variant in MLP_VARIANTS:
+        assert "test_mse" in metric_files[f"metrics/mlp/{variant}.json"]["data"]
+    for name in CNN_RUNS:
+        assert "test_auc" in metric_files[f"metrics/cnn/{name}.json"]["data"]
+    assert "test_accuracy" in metric_files["metrics/backprop.json"]["data"]
+    assert data["params"]["params.yaml"]["data"]["mlp"]["defaults"]["hidden"] == 32
+
+
+def test_mlflow_store_has_runs_params_metric_steps_and_artifacts(pipeline_repo):
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_repo / 'mlflow.db'}")
+    experiments = {e.name: e for e in client.search_experiments()}
+    assert {"part1-backprop", "part2-forecasting", "part3-classification"} <= set(experiments)
+
+    runs = client.search_runs([experiments["part2-forecasting"].experiment_id])
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert {f"mlp@{v}" for v in MLP_VARIANTS} <= set(by_stage)
+    run = by_stage["mlp@default"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["hidden"] == "32" and run.data.tags["dvc_exp_name"] == "e2e"
+    assert run.data.tags["data_source"] == "ETTh1 (real)"
+    history = client.get_metric_history(run.info.run_id, "valid_loss")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/prediction_good.png", "figures/prediction_median.png", "figures/prediction_bad.png"} <= artifacts
+
+    cnn_runs = {r.data.tags["stage"]: r for r in client.search_runs([experiments["part3-classification"].experiment_id])}
+    assert set(CNN_RUNS) <= set(cnn_runs)
+    resnet = cnn_runs["resnet18"]
+    assert resnet.data.tags["data_source"].endswith("(synthetic)")
+    assert len(client.get_metric_history(resnet.info.run_id, "val_auc")) >= 2
+
+
+def test_logged_model_loads_back_and_predicts(pipeline_repo):
+    import mlflow
+    import numpy as np
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_repo / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("part3-classification")
+    run = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["stage"] == "resnet18"][0]
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    model = mlflow.pytorch.load_model(models[0].model_uri)
+    out = model(__import__("torch").zeros(2, 3, 32, 32))
+    assert tuple(out.shape) == (2, 9) and np.isfinite(out.detach().numpy()).all()
+
+
+def test_second_repro_runs_nothing(pipeline_repo):
+    out = dvc(pipeline_repo, "repro").stdout
+    assert "Running stage" not in out, out
+
+
+def test_changing_one_variant_reruns_only_it_and_the_report(pipeline_repo):
+    params_path = pipeline_repo / "params.yaml"
+    original = params_path.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["mlp"]["variants"]["lr_div5"]["lr"] = 0.3
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        stale = set(json.loads(dvc(pipeline_repo, "status", "--json").stdout))
+        assert stale == {"mlp@lr_div5", "report"}, stale
+    finally:
+        params_path.write_text(original)
