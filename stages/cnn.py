@@ -24,13 +24,13 @@ def main(argv):
     params = P.load()
     cfg = params.cnn_experiment(name)
     data = pathmnist.load(pathmnist_npz(params.data.pathmnist.size))
+    seed_everything(params.base.seed)   # before the model: its initial weights come from the seed
     try:
         cnn.check_image_size(cfg.model, data.size)
         model = cnn.build(cfg.model, data.n_classes, cfg.pretrained, cfg.weights_file, cfg.weights_sha256)
     except cnn.ModelError as error:
         raise StageError(str(error)) from None
     device = cnn_loop.resolve_device(params.base.device)
-    seed_everything(params.base.seed)
     source = f"PathMNIST {data.size}px ({data.source})"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 

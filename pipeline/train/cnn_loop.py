@@ -97,6 +97,16 @@ def make_scheduler(optimizer, cfg: Cnn):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
+def train_step(model: torch.nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Forward (bf16 autocast on CUDA), cross-entropy, backward, optimiser step."""
+    with _autocast(x.device):
+        loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 @dataclass
 class TrainResult:
     best_state: dict
@@ -152,16 +162,15 @@ def train(model: torch.nn.Module, data: PathMnist, cfg: Cnn, device: torch.devic
     running, running_n = 0.0, 0
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
+            # The logged train loss averages the steps since the last log within this epoch, so a
+            # run resumed at an epoch boundary logs exactly what an uninterrupted run logs.
+            running, running_n = 0.0, 0
             order = torch.randperm(n, device=device, generator=generator)
             tick = time.perf_counter()
             for i in range(steps_per_epoch):
                 index = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                 x = augment.apply(train_split.batch(index), cfg.augment, cfg.rotation_degrees, generator)
-                with _autocast(device):
-                    loss = F.cross_entropy(model(x), train_split.labels[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = train_step(model, optimizer, x, train_split.labels[index])
                 step += 1
                 result.images_seen += len(index)
                 running += loss.detach()

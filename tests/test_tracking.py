@@ -1,0 +1,96 @@
+"""Tracking against a real MLflow server, and a stage's behaviour when the server is down."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import SHARED_DATA, VENV_BIN, env, make_repo_copy, run, small_params
+from pipeline.paths import main_repo_root
+from pipeline.tracking import _redact
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def backprop_repo(tmp_path):
+    params = small_params()
+    params["backprop"].update(epochs=1, check_window=4)
+    repo = make_repo_copy(tmp_path / "repo", params)
+    (repo / "data/raw").mkdir(parents=True)
+    shutil.copy(SHARED_DATA / "ETTh1.csv", repo / "data/raw/ETTh1.csv")
+    return repo
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited: {server.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not start within 120 s")
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_stage_logs_to_a_real_mlflow_server(backprop_repo, mlflow_server):
+    run([sys.executable, "-m", "stages.backprop"], backprop_repo, MLFLOW_TRACKING_URI=mlflow_server,
+        MLFLOW_HTTP_REQUEST_TIMEOUT=60)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("part1-backprop")
+    (run_,) = client.search_runs([experiment.experiment_id])
+    assert run_.info.status == "FINISHED" and run_.data.tags["stage"] == "backprop"
+    assert "gradcheck_fd_theta1" in run_.data.metrics and "test_accuracy" in run_.data.metrics
+    assert [a.path for a in client.list_artifacts(run_.info.run_id, "figures")] == ["figures/loss.png"]
+    assert not (backprop_repo / "mlflow.db").exists()     # nothing went to the local store
+    info = json.loads((backprop_repo / "metrics/backprop.run.json").read_text())
+    assert info["run_id"] == run_.info.run_id and info["tracking_uri"] == mlflow_server
+
+
+def test_server_down_stage_still_finishes_and_says_so(backprop_repo):
+    dead = f"http://127.0.0.1:{free_port()}"     # nothing listens there
+    started = time.time()
+    result = run([sys.executable, "-m", "stages.backprop"], backprop_repo, timeout=300, MLFLOW_TRACKING_URI=dead)
+    assert "MLflow TRACKING FAILED" in result.stderr and dead in result.stderr
+    metrics = json.loads((backprop_repo / "metrics/backprop.json").read_text())
+    assert metrics["test_accuracy"] > 0
+    info = json.loads((backprop_repo / "metrics/backprop.run.json").read_text())
+    assert info["run_id"] == "" and info["tracking_failed"]
+    print(f"stage with a dead tracking server took {time.time() - started:.1f}s")
+
+
+def test_store_path_is_the_outer_repository_for_temporary_experiment_copies(tmp_path):
+    inner = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    inner.mkdir(parents=True)
+    assert main_repo_root(inner) == tmp_path / "project"
+    assert main_repo_root(tmp_path / "project") == tmp_path / "project"
+
+
+def test_credentials_never_reach_written_files():
+    assert _redact("https://user:secret@mlflow.example/") == "https://***@mlflow.example/"
+    assert _redact("sqlite:////x/mlflow.db") == "sqlite:////x/mlflow.db"
