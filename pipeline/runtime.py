@@ -8,12 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.data.fetch import DataError
+from pipeline.errors import DataError, StageError
 from pipeline.params import ParamsError
-
-
-class StageError(RuntimeError):
-    """A stage cannot run as configured; the message says why and what to do."""
 
 
 def run_stage(main: Callable[[list[str]], None]) -> None:

@@ -12,7 +12,8 @@ from pipeline.data import ett
 from pipeline.gradcheck import check_backprop_net
 from pipeline.models import backprop_net as net
 from pipeline.paths import METRICS, ett_csv
-from pipeline.runtime import StageError, run_stage, seed_everything
+from pipeline.errors import StageError
+from pipeline.runtime import run_stage, seed_everything
 from pipeline.tracking import Tracker, write_csv, write_json
 
 FD_THRESHOLD, AUTOGRAD_THRESHOLD = 1e-5, 1e-8

@@ -2,7 +2,8 @@
 
 from pipeline import params as P
 from pipeline.data import ett
-from pipeline.data.fetch import DataError, fetch, mirror_dir
+from pipeline.data.fetch import fetch, mirror_dir
+from pipeline.errors import DataError
 from pipeline.paths import ett_csv
 from pipeline.runtime import run_stage
 

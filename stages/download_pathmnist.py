@@ -5,7 +5,8 @@ import numpy as np
 
 from pipeline import params as P
 from pipeline.data import pathmnist
-from pipeline.data.fetch import DataError, mirror_dir
+from pipeline.data.fetch import mirror_dir
+from pipeline.errors import DataError
 from pipeline.paths import pathmnist_npz
 from pipeline.runtime import run_stage
 

@@ -10,7 +10,8 @@ from pipeline import figures, params as P
 from pipeline.data import pathmnist
 from pipeline.models import cnn
 from pipeline.paths import MODELS, pathmnist_npz
-from pipeline.runtime import StageError, run_stage
+from pipeline.errors import StageError
+from pipeline.runtime import run_stage
 from pipeline.train.augment import to_input
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")

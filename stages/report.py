@@ -3,7 +3,8 @@ metrics, plot files and figures. Fails when results are missing unless report.al
 
 from pipeline import params as P
 from pipeline.report.build import OUT, Report, to_html
-from pipeline.runtime import StageError, run_stage
+from pipeline.errors import StageError
+from pipeline.runtime import run_stage
 from pipeline.tracking import git_commit
 
 

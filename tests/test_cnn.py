@@ -11,7 +11,7 @@ import torch
 from pipeline.data import pathmnist
 from pipeline.models import cnn
 from pipeline.params import Cnn
-from pipeline.runtime import StageError
+from pipeline.errors import StageError
 from pipeline.train import augment, cnn_loop
 
 

@@ -8,7 +8,8 @@ import yaml
 
 from conftest import SHARED_DATA, make_repo_copy, run, small_params
 from pipeline.data import ett, pathmnist
-from pipeline.data.fetch import DataError, fetch
+from pipeline.data.fetch import fetch
+from pipeline.errors import DataError
 
 ETTH1_SHA256 = "f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf01c1cd6d29695ee066"
 CLOSED_PORT_URL = "http://127.0.0.1:9/{name}.csv"   # refused at once: an offline network, quickly

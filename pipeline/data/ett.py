@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.data.fetch import DataError
+from pipeline.errors import DataError
 
 TARGET = "OT"
 

@@ -12,11 +12,9 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+from pipeline.errors import DataError
+
 NETWORK_TIMEOUT_S = 15
-
-
-class DataError(RuntimeError):
-    """A dataset could not be put in place or is malformed; the message says what to do."""
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.fetch import DataError, fetch
+from pipeline.data.fetch import fetch
+from pipeline.errors import DataError
 
 SPLITS = ("train", "val", "test")
 N_CLASSES = 9

@@ -70,6 +70,8 @@ class Report:
         run = _read_json(metrics.with_suffix(".run.json")) or {}
         if values is None:
             self.missing.append(str(metrics))
+        else:
+            values.update(_read_json(metrics.with_suffix(".timing.json")) or {})
         if run.get("device"):
             self.devices.add(run["device"])
         if "synthetic" in run.get("data_source", ""):

@@ -23,7 +23,7 @@ from medmnist.evaluator import getACC, getAUC
 
 from pipeline.data.pathmnist import PathMnist
 from pipeline.params import Cnn
-from pipeline.runtime import StageError
+from pipeline.errors import StageError
 from pipeline.train import augment
 
 TASK = "multi-class"

@@ -1,0 +1,207 @@
+"""Guarantees: deterministic results, exact DVC dependencies, safe interruption, concurrent
+experiments, no secrets in tracking, safe loading."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, SHARED_DATA, VENV_BIN, dvc, env, make_repo_copy, run, small_params
+
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def stage_groups() -> dict[str, dict]:
+    """Stage (or foreach group) name -> its definition."""
+    return {name: spec.get("do", spec) for name, spec in DVC_YAML["stages"].items()}
+
+
+def imported_project_files(module: str) -> set[str]:
+    code = ("import importlib, sys; importlib.import_module(%r); "
+            "print('\\n'.join(m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)))" % module)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    files = set()
+    for line in out.split():
+        path = Path(line).resolve()
+        if path.is_relative_to(REPO) and path.name != "__init__.py" and path.parts[len(REPO.parts)] in ("pipeline", "stages"):
+            files.add(str(path.relative_to(REPO)))
+    return files
+
+
+@pytest.mark.parametrize("group", list(stage_groups()))
+def test_code_deps_are_exactly_the_modules_each_stage_imports(group):
+    spec = stage_groups()[group]
+    module = re.match(r"python -m (\S+)", spec["cmd"]).group(1)
+    declared = {d for d in spec["deps"] if isinstance(d, str) and d.endswith(".py")}
+    assert declared == imported_project_files(module), group
+    for dep in spec["deps"]:
+        if dep.startswith("pipeline/") and not dep.endswith(".py"):
+            assert (REPO / dep).exists(), dep
+
+
+def _stale(repo) -> set[str]:
+    return {name.split("@")[0] for name in json.loads(dvc(repo, "status", "--json").stdout)}
+
+
+def test_touching_each_module_makes_exactly_its_users_stale(pipeline_repo):
+    users: dict[str, set[str]] = {}
+    for group, spec in stage_groups().items():
+        for dep in spec["deps"]:
+            if dep.startswith(("pipeline/", "stages/")):
+                users.setdefault(dep, set()).add(group)
+    assert _stale(pipeline_repo) == set()
+    for path, expected in sorted(users.items()):
+        target = pipeline_repo / path
+        original = target.read_bytes()
+        try:
+            target.write_bytes(original + b"\n# touched by a test\n")
+            assert _stale(pipeline_repo) == expected, path
+        finally:
+            target.write_bytes(original)
+
+
+PARAM_USERS = [
+    ("backprop.lr", 0.2, {"backprop"}),
+    ("mlp.defaults.hidden", 40, {"mlp"}),
+    ("mlp.variants.h1024.hidden", 50, {"mlp", "report"}),
+    ("cnn.defaults.lr", 0.002, {"cnn", "ablation"}),
+    ("cnn.ablations.hflip.lr", 0.002, {"ablation", "report"}),
+    ("features.channel", 1, {"features"}),
+    ("report.allow_missing", True, {"report"}),
+    ("data.pathmnist.synthetic_val", 63, {"download_pathmnist"}),
+    ("base.seed", 7, {"download_pathmnist", "backprop", "mlp", "cnn", "ablation"}),
+]
+
+
+@pytest.mark.parametrize("key,value,expected", PARAM_USERS, ids=[p[0] for p in PARAM_USERS])
+def test_changing_a_param_makes_exactly_its_readers_stale(pipeline_repo, key, value, expected):
+    path = pipeline_repo / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    node = params
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    try:
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert _stale(pipeline_repo) == expected
+    finally:
+        path.write_text(original)
+
+
+@pytest.fixture(scope="module")
+def data_repo(tmp_path_factory, local_densenet_weights):
+    """A small-params copy with both datasets in place, for running stages directly."""
+    params = small_params()
+    params["mlp"]["defaults"]["epochs"] = 1
+    params["cnn"]["defaults"].update(epochs=2)
+    repo = make_repo_copy(tmp_path_factory.mktemp("data_repo"), params)
+    run([sys.executable, "-m", "stages.download_ett"], repo)
+    run([sys.executable, "-m", "stages.download_pathmnist"], repo)
+    return repo
+
+
+@pytest.mark.parametrize("stage,outputs", [
+    (["stages.backprop"], ["metrics/backprop.json"]),
+    (["stages.mlp", "default"], ["metrics/mlp/default.json", "metrics/mlp/curves/default.csv"]),
+    (["stages.cnn", "rotation_hflip"], ["metrics/cnn/rotation_hflip.json", "metrics/cnn/curves/rotation_hflip.csv",
+                                        "metrics/cnn/confusion/rotation_hflip.csv"]),
+])
+def test_same_params_and_seed_give_bit_identical_results(data_repo, stage, outputs):
+    contents = []
+    for _ in range(2):
+        run([sys.executable, "-m", *stage], data_repo)
+        contents.append([(data_repo / o).read_bytes() for o in outputs])
+    assert contents[0] == contents[1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_stage_fails_keeps_nothing_and_marks_the_run_killed(data_repo, signum):
+    name = "resnet18"
+    for leftover in (f"metrics/cnn/{name}.json", f"models/cnn/{name}.pt", f"models/checkpoints/{name}.pt"):
+        (data_repo / leftover).unlink(missing_ok=True)
+    params = yaml.safe_load((data_repo / "params.yaml").read_text())
+    params["cnn"]["defaults"]["epochs"] = 3       # the signal comes right after epoch 1's checkpoint
+    (data_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "stages.cnn", name], cwd=data_repo, env=env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        checkpoint = data_repo / f"models/checkpoints/{name}.pt"
+        deadline = time.time() + 300
+        while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert checkpoint.exists(), process.communicate()
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode != 0 and "interrupted" in stderr
+        assert not (data_repo / f"metrics/cnn/{name}.json").exists()
+        assert not (data_repo / f"models/cnn/{name}.pt").exists()
+        client = MlflowClient(tracking_uri=f"sqlite:///{data_repo / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("part3-classification")
+        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+        assert runs[0].data.tags["stage"] == name and runs[0].info.status == "KILLED"
+        # the epoch checkpoint lets a rerun continue where it stopped
+        params["cnn"]["defaults"]["resume"] = True
+        (data_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        resumed = run([sys.executable, "-m", "stages.cnn", name], data_repo)
+        assert re.search(r"resuming from .* after epoch [12]", resumed.stdout), resumed.stdout
+        assert (data_repo / f"metrics/cnn/{name}.json").exists()
+    finally:
+        params["cnn"]["defaults"].update(epochs=2, resume=False)
+        (data_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_no_secret_from_the_environment_reaches_mlflow(data_repo):
+    secret = "s3cr3t-value-that-must-not-leak"
+    run([sys.executable, "-m", "stages.mlp", "lr_div5"], data_repo, AWS_SECRET_ACCESS_KEY=secret,
+        MLFLOW_TRACKING_PASSWORD=secret)
+    client = MlflowClient(tracking_uri=f"sqlite:///{data_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("part2-forecasting")
+    for r in client.search_runs([experiment.experiment_id]):
+        assert secret not in json.dumps([r.data.params, r.data.tags])
+    assert secret not in (data_repo / "metrics/mlp/lr_div5.run.json").read_text()
+
+
+def test_weights_and_checkpoints_are_loaded_weights_only():
+    for path in [*REPO.glob("pipeline/**/*.py"), *REPO.glob("stages/*.py")]:
+        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
+            assert "weights_only=True" in call, (path, call)
+
+
+def test_every_server_command_in_the_readme_binds_localhost():
+    readme = (REPO / "README.md").read_text()
+    servers = [line for line in readme.splitlines() if re.search(r"\bmlflow (ui|server)\b", line)]
+    assert servers and all("--host 127.0.0.1" in line for line in servers)
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_run_at_once_and_both_land_in_the_store(pipeline_repo):
+    for lr in (0.15, 0.25):
+        dvc(pipeline_repo, "exp", "run", "--queue", "-S", f"backprop.lr={lr}", "-n", f"queued-{lr}")
+    dvc(pipeline_repo, "queue", "start", "-j", "2")
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = dvc(pipeline_repo, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    status = dvc(pipeline_repo, "queue", "status").stdout
+    assert "Failed" not in status, status + dvc(pipeline_repo, "queue", "logs", "queued-0.15", check=False).stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("part1-backprop")
+    runs = {r.data.tags.get("dvc_exp_name"): r for r in client.search_runs([experiment.experiment_id])}
+    for name, lr in (("queued-0.15", "0.15"), ("queued-0.25", "0.25")):
+        assert name in runs, list(runs)
+        assert runs[name].info.status == "FINISHED" and runs[name].data.params["lr"] == lr
+        assert "test_accuracy" in runs[name].data.metrics
+    shown = json.loads(dvc(pipeline_repo, "exp", "show", "--json").stdout)
+    names = {e.get("name") for rev in shown for e in (rev.get("experiments") or [])}
+    assert {"queued-0.15", "queued-0.25"} <= names

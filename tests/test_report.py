@@ -1,0 +1,100 @@
+"""The report stage: complete from a complete run, readable in a real browser, strict about gaps."""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, dvc, run, small_params
+
+PARAMS = small_params()
+MLP_VARIANTS = list(PARAMS["mlp"]["variants"])
+CNN_RUNS = [*PARAMS["cnn"]["experiments"], *PARAMS["cnn"]["ablations"]]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def test_report_has_every_section_row_and_figure(pipeline_repo):
+    text = (pipeline_repo / "reports/report.md").read_text()
+    for heading in ("## Part 1", "## Part 2", "### Table 1", "### Table 2", "## Part 3", "### Table 3",
+                    "### Table 4", "### Feature maps", "### Confusion matrices", "### Curves"):
+        assert heading in text, heading
+    assert "SYNTHETIC DATA" in text and "⚠ synthetic" in text      # part 3 ran on the synthetic set
+    assert "Missing results" not in text
+    for variant in MLP_VARIANTS:
+        assert re.search(rf"^\| mlp@{re.escape(variant)} ", text, re.M), variant
+    for name in CNN_RUNS:
+        assert re.search(rf"^\| {name} ⚠ synthetic \|", text, re.M), name
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "MLflow" not in line]
+    assert all("n/a" not in row.split("|")[3:5] for row in rows)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) >= 3 + len(MLP_VARIANTS) + 3 * 5 + 1 + len(CNN_RUNS)
+    for image in images:
+        assert (pipeline_repo / "reports" / image).stat().st_size > 1000, image
+    # every table row links its MLflow run
+    run_ids = re.findall(r"#/experiments/\d+/runs/([0-9a-f]{32})", text)
+    assert len(set(run_ids)) >= len(MLP_VARIANTS) + len(CNN_RUNS) + 1
+
+
+def test_report_html_renders_in_a_real_browser(pipeline_repo):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: `make test` installs it (Debian package chromium)")
+        pytest.skip("chromium not installed (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    html = pipeline_repo / "reports/report.html"
+    assert not re.search(r'(src|href)="(https?:)?//', html.read_text())   # nothing loaded from the network
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(html.as_uri())
+        page.wait_for_load_state("load")
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+        tables = page.evaluate("Array.from(document.querySelectorAll('table')).map(t => t.rows.length)")
+        page.screenshot(path=str(ARTIFACTS / "report_first_screen.png"))
+        browser.close()
+    assert images and all(ok for _, ok in images), [alt for alt, ok in images if not ok]
+    assert len(tables) >= 5 and all(rows >= 2 for rows in tables), tables
+
+
+def test_dvc_plots_show_draws_every_curve_family(pipeline_repo):
+    shown = json.loads(dvc(pipeline_repo, "plots", "show", "--json").stdout)
+    ids = " ".join(shown)
+    for family in ("metrics/mlp/curves", "metrics/cnn/curves", "metrics/cnn/confusion/resnet18.csv",
+                   "metrics/backprop/train_loss.csv"):
+        assert family in ids, (family, list(shown))
+
+
+@pytest.fixture
+def report_workspace(pipeline_repo, tmp_path):
+    """The files the report stage reads, copied so a test can remove some."""
+    work = tmp_path / "ws"
+    for part in ("stages", "pipeline", "metrics", "figures"):
+        shutil.copytree(pipeline_repo / part, work / part)
+    shutil.copy(pipeline_repo / "params.yaml", work / "params.yaml")
+    (work / "metrics/cnn/hflip.json").unlink()
+    return work
+
+
+def test_missing_metrics_fail_by_default_and_name_the_files(report_workspace):
+    result = run(["python", "-m", "stages.report"], report_workspace, check=False)
+    assert result.returncode == 2 and "metrics/cnn/hflip.json" in result.stderr
+    assert "report.allow_missing=true" in result.stderr
+
+
+def test_missing_metrics_allowed_by_param_build_a_partial_report(report_workspace):
+    params = yaml.safe_load((report_workspace / "params.yaml").read_text())
+    params["report"]["allow_missing"] = True
+    (report_workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["python", "-m", "stages.report"], report_workspace)
+    text = (report_workspace / "reports/report.md").read_text()
+    assert "Missing results" in text and "metrics/cnn/hflip.json" in text
+    assert (report_workspace / "reports/report.html").exists()
