@@ -19,7 +19,8 @@ def test_every_stage_wrote_its_metrics(pipeline_repo):
     for name in CNN_RUNS:
         metrics = json.loads((pipeline_repo / f"metrics/cnn/{name}.json").read_text())
         assert 0 <= metrics["test_auc"] <= 1 and 0 <= metrics["test_acc"] <= 1
-        assert metrics["images_per_second"] > 0
+        timing = json.loads((pipeline_repo / f"metrics/cnn/{name}.timing.json").read_text())
+        assert timing["images_per_second"] > 0 and timing["train_seconds"] > 0
         run_info = json.loads((pipeline_repo / f"metrics/cnn/{name}.run.json").read_text())
         assert "synthetic" in run_info["data_source"]
     backprop = json.loads((pipeline_repo / "metrics/backprop.json").read_text())

@@ -66,11 +66,15 @@ def test_report_html_renders_in_a_real_browser(pipeline_repo):
 
 
 def test_dvc_plots_show_draws_every_curve_family(pipeline_repo):
-    shown = json.loads(dvc(pipeline_repo, "plots", "show", "--json").stdout)
-    ids = " ".join(shown)
-    for family in ("metrics/mlp/curves", "metrics/cnn/curves", "metrics/cnn/confusion/resnet18.csv",
-                   "metrics/backprop/train_loss.csv"):
-        assert family in ids, (family, list(shown))
+    shown = json.loads(dvc(pipeline_repo, "plots", "show", "--json").stdout)["data"]
+    expected = [f"metrics/mlp/curves/{v}.csv" for v in MLP_VARIANTS]
+    expected += [f"metrics/cnn/curves/{n}.csv" for n in CNN_RUNS]
+    expected += [f"metrics/cnn/confusion/{n}.csv" for n in CNN_RUNS]
+    expected += ["metrics/backprop/train_loss.csv", "metrics/backprop/val_accuracy.csv"]
+    assert set(expected) <= set(shown), sorted(set(expected) - set(shown))
+    assert len(shown) == len(expected)          # each curve file drawn once
+    vega = shown["metrics/mlp/curves/default.csv"][0]["content"]
+    assert "MLP forecaster" in json.dumps(vega["title"])
 
 
 @pytest.fixture
