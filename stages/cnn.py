@@ -10,7 +10,6 @@ from pipeline import figures, params as P
 from pipeline.data import pathmnist
 from pipeline.models import cnn
 from pipeline.paths import METRICS, MODELS, pathmnist_npz
-from pipeline.errors import StageError
 from pipeline.runtime import run_stage, seed_everything
 from pipeline.tracking import Tracker, write_csv, write_json
 from pipeline.train import cnn_loop
@@ -26,11 +25,8 @@ def main(argv):
     cfg = params.cnn_experiment(name)
     data = pathmnist.load(pathmnist_npz(params.data.pathmnist.size))
     seed_everything(params.base.seed)   # before the model: its initial weights come from the seed
-    try:
-        cnn.check_image_size(cfg.model, data.size)
-        model = cnn.build(cfg.model, data.n_classes, cfg.pretrained, cfg.weights_file, cfg.weights_sha256)
-    except cnn.ModelError as error:
-        raise StageError(str(error)) from None
+    cnn.check_image_size(cfg.model, data.size)
+    model = cnn.build(cfg.model, data.n_classes, cfg.pretrained, cfg.weights_file, cfg.weights_sha256)
     device = cnn_loop.resolve_device(params.base.device)
     source = f"PathMNIST {data.size}px ({data.source})"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

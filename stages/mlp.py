@@ -8,6 +8,7 @@ import numpy as np
 
 from pipeline import figures, params as P
 from pipeline.data import ett
+from pipeline.models.mlp_forecaster import predict
 from pipeline.paths import METRICS, MODELS, ett_csv
 from pipeline.runtime import run_stage, seed_everything
 from pipeline.tracking import Tracker, write_csv, write_json
@@ -48,7 +49,6 @@ def main(argv):
         # Good / median / bad test windows by the OT channel's MSE.
         ot = splits.columns.index(ett.TARGET)
         x_ot, y_ot = windows["test"][0][:, ot], windows["test"][1][:, ot]
-        from pipeline.models.mlp_forecaster import predict
         pred_ot = predict(result.params, x_ot.astype(cfg.dtype), cfg.kernel, cfg.window_norm)
         errors = np.mean((pred_ot - y_ot) ** 2, axis=1)
         order = np.argsort(errors)

@@ -136,3 +136,15 @@ def test_cuda_out_of_memory_names_the_batch_size(monkeypatch):
     monkeypatch.setattr(model, "forward", boom)
     with pytest.raises(StageError, match="cnn.batch_size=32.*cnn.defaults.batch_size=16"):
         cnn_loop.train(model, data, Cnn(batch_size=32, epochs=1), torch.device("cpu"), 0, lambda m, s: None)
+
+
+def test_stage_refuses_images_too_small_for_densenet_before_training(tmp_path):
+    from conftest import make_repo_copy, run, small_params
+
+    params = small_params()
+    params["data"]["pathmnist"]["size"] = 16
+    repo = make_repo_copy(tmp_path, params)
+    run(["python", "-m", "stages.download_pathmnist"], repo)
+    result = run(["python", "-m", "stages.cnn", "densenet121"], repo, check=False)
+    assert result.returncode == 2 and "densenet121 needs images of at least 32 px" in result.stderr
+    assert "Traceback" not in result.stderr and not (repo / "models/checkpoints").exists()

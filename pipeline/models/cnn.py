@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from pipeline.data.fetch import file_digest
+from pipeline.errors import StageError
 from pipeline.params import CNN_MODELS
 
 # Smallest input each network runs on (DenseNet121's pooling needs 32 px).
@@ -21,7 +22,7 @@ IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "densenet121": "DenseNet121_
 _OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-class ModelError(ValueError):
+class ModelError(StageError):
     """A model cannot be built as asked; the message says why and what to do."""
 
 
