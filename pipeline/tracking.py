@@ -91,7 +91,7 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - tracking must not stop training
             self.failure = f"{what}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            print(f"\n*** MLflow TRACKING FAILED ({tracking_uri()}) - {self.failure}\n"
+            print(f"\n*** MLflow TRACKING FAILED ({_redact(tracking_uri())}) - {self.failure}\n"
                   "*** Training continues; DVC metrics files are still written.\n", file=sys.stderr)
             return None
 
@@ -129,7 +129,7 @@ class Tracker:
                 self.failure = self.failure or f"end run: {error}"
         if self.failure:
             print(f"\n*** MLflow TRACKING FAILED for {self.run_name}: {self.failure}\n"
-                  f"*** Tracking URI: {tracking_uri()}. The DVC metrics files were written; the MLflow "
+                  f"*** Tracking URI: {_redact(tracking_uri())}. The DVC metrics files were written; the MLflow "
                   "run is missing or incomplete. Check the server (or unset MLFLOW_TRACKING_URI) and "
                   "re-run the stage with `dvc repro -f <stage>`.\n", file=sys.stderr)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -137,9 +137,8 @@ class Tracker:
 
     # -- what stages log -----------------------------------------------------------------------
     def params(self, params: dict) -> None:
-        flat = _flatten(params)
-        self._call("log params", self._mlflow.log_params, {k: str(v)[:6000] for k, v in flat.items()}) \
-            if self._mlflow else None
+        if self._mlflow:
+            self._call("log params", self._mlflow.log_params, {k: str(v)[:6000] for k, v in _flatten(params).items()})
 
     def metrics(self, metrics: dict, step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
