@@ -34,9 +34,9 @@ def main(argv):
     with Tracker("cnn", name, data_source=source, extra_tags={"device": device_name}) as tracker:
         tracker.params({"experiment": name, "seed": params.base.seed, "image_size": data.size,
                         "n_train": len(data.labels["train"]), **asdict(cfg)})
-        result = cnn_loop.train(model, data, cfg, device, params.base.seed, tracker.metrics,
-                                checkpoint=MODELS / "checkpoints" / f"{name}.pt")
         splits = cnn_loop.to_device(data, device)
+        result = cnn_loop.train(model, splits, cfg, params.base.seed, tracker.metrics,
+                                checkpoint=MODELS / "checkpoints" / f"{name}.pt", data_source=data.source)
         test, scores = cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)
         metrics = {"test_auc": test["auc"], "test_acc": test["acc"], "best_val_auc": result.best_val["auc"],
                    "best_val_acc": result.best_val["acc"], "best_epoch": result.best_epoch}

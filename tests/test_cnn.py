@@ -94,7 +94,7 @@ def test_resnet18_learns_an_easy_synthetic_set_on_cpu():
     data = _dataset(720)
     cfg = Cnn(model="resnet18", epochs=3, batch_size=32, log_every=10, eval_batch_size=256)
     model = cnn.build("resnet18", 9)
-    result = cnn_loop.train(model, data, cfg, torch.device("cpu"), seed=0, log=lambda m, s: None)
+    result = cnn_loop.train(model, cnn_loop.to_device(data, torch.device("cpu")), cfg, seed=0, log=lambda m, s: None)
     test, _ = cnn_loop.evaluate(model, cnn_loop.to_device(data, torch.device("cpu"))["test"], 256)
     assert test["acc"] >= 0.6, test      # chance is 1/9
     assert result.best_val["auc"] > 0.8 and result.curve[-1]["step"] == 3 * (720 // 32 + 1)
@@ -108,7 +108,7 @@ def test_resumed_run_ends_with_the_same_metrics(tmp_path):
     def run(cfg, checkpoint, log=lambda m, s: None):
         torch.manual_seed(0)
         model = cnn.build("resnet18", 9)
-        result = cnn_loop.train(model, data, cfg, device, seed=0, log=log, checkpoint=checkpoint)
+        result = cnn_loop.train(model, cnn_loop.to_device(data, device), cfg, seed=0, log=log, checkpoint=checkpoint)
         return result, cnn_loop.evaluate(model, cnn_loop.to_device(data, device)["test"], 256)[0]
 
     straight, straight_test = run(cfg, tmp_path / "a.pt")
@@ -135,7 +135,8 @@ def test_cuda_out_of_memory_names_the_batch_size(monkeypatch):
 
     monkeypatch.setattr(model, "forward", boom)
     with pytest.raises(StageError, match="cnn.batch_size=32.*cnn.defaults.batch_size=16"):
-        cnn_loop.train(model, data, Cnn(batch_size=32, epochs=1), torch.device("cpu"), 0, lambda m, s: None)
+        cnn_loop.train(model, cnn_loop.to_device(data, torch.device("cpu")), Cnn(batch_size=32, epochs=1), 0,
+                       lambda m, s: None)
 
 
 def test_stage_refuses_images_too_small_for_densenet_before_training(tmp_path):

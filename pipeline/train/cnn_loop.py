@@ -118,18 +118,19 @@ class TrainResult:
     resumed_from: int = 0
 
 
-def fingerprint(cfg: Cnn, seed: int, data: PathMnist) -> str:
-    """What a checkpoint must match to be resumed: the training config, seed and data shapes."""
+def fingerprint(cfg: Cnn, seed: int, splits: dict[str, DeviceSplit], data_source: str) -> str:
+    """What a checkpoint must match to be resumed: the training config, seed and data."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "eval_batch_size", "log_every")}
-    shapes = {s: list(x.shape) for s, x in data.images.items()}
-    return hashlib.sha256(json.dumps([relevant, seed, shapes, data.source], sort_keys=True).encode()).hexdigest()
+    shapes = {s: list(split.images.shape) for s, split in splits.items()}
+    return hashlib.sha256(json.dumps([relevant, seed, shapes, data_source], sort_keys=True).encode()).hexdigest()
 
 
-def train(model: torch.nn.Module, data: PathMnist, cfg: Cnn, device: torch.device, seed: int,
-          log: Callable[[dict, int], None], checkpoint: Path | None = None) -> TrainResult:
-    set_determinism(seed, device)
-    splits = to_device(data, device)
+def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed: int,
+          log: Callable[[dict, int], None], checkpoint: Path | None = None, data_source: str = "") -> TrainResult:
+    """Train on `splits` (from `to_device`), keep the best-validation weights in `model`."""
     train_split, val_split = splits["train"], splits["val"]
+    device = train_split.images.device
+    set_determinism(seed, device)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg)
@@ -138,7 +139,7 @@ def train(model: torch.nn.Module, data: PathMnist, cfg: Cnn, device: torch.devic
     steps_per_epoch = -(-n // cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    key = fingerprint(cfg, seed, data)
+    key = fingerprint(cfg, seed, splits, data_source)
     result = TrainResult(best_state={}, best_epoch=0, best_val={"auc": -1.0, "acc": -1.0})
     start_epoch, step = 1, 0
 
