@@ -138,6 +138,7 @@ class Mlp:
         _require(self.clip_norm >= 0, "clip_norm", "must be >= 0")
 
 
+# The names the CNN stages accept (one place: the schema and the code that dispatches on them).
 CNN_MODELS = ("resnet18", "densenet121")
 AUGMENTATIONS = ("hflip", "rotation")
 SCHEDULERS = ("cosine", "step", "none")
@@ -145,7 +146,7 @@ SCHEDULERS = ("cosine", "step", "none")
 
 @dataclass
 class Cnn:
-    model: Literal["resnet18", "densenet121"] = "resnet18"
+    model: Literal[CNN_MODELS] = "resnet18"
     pretrained: bool = False
     # Local ImageNet weights for fine-tuning (a torchvision state dict); "" = torchvision's
     # download / torch hub cache. The environment variable FINETUNE_WEIGHTS overrides it.
@@ -156,10 +157,10 @@ class Cnn:
     eval_batch_size: int = 1024
     lr: float = 1e-3
     weight_decay: float = 0.0
-    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    scheduler: Literal[SCHEDULERS] = "cosine"
     step_size: int = 3        # StepLR: epochs between decays
     step_gamma: float = 0.1
-    augment: list[Literal["hflip", "rotation"]] = field(default_factory=list)
+    augment: list[Literal[AUGMENTATIONS]] = field(default_factory=list)
     rotation_degrees: float = 15.0
     select_by: Literal["auc", "acc"] = "auc"
     log_every: int = 100      # iterations between train-loss / validation logs

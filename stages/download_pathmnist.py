@@ -19,9 +19,12 @@ def main(argv):
     if data.source == "synthetic":
         arrays = pathmnist.synthesize(data.size, {"train": data.synthetic_train, "val": data.synthetic_val,
                                                   "test": data.synthetic_test}, cfg.base.seed)
-        partial = dest.with_name(dest.name + ".partial.npz")
-        np.savez(partial, **arrays)
-        partial.replace(dest)
+        partial = dest.with_name(dest.name + ".partial.npz")   # np.savez insists on the .npz suffix
+        try:
+            np.savez(partial, **arrays)
+            partial.replace(dest)
+        finally:
+            partial.unlink(missing_ok=True)
         origin = "synthetic (generated)"
     else:
         origin = pathmnist.fetch_medmnist(dest, data.size, mirror_dir(cfg.data.mirror_dir))

@@ -31,13 +31,13 @@ def mirror_dir(param_value: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def _verify(path: Path, expected: str, algorithm: str, origin: str) -> None:
+def _verify(path: Path, expected: str, algorithm: str, origin: str, way_out: str) -> None:
     if not expected:
         return
     actual = file_digest(path, algorithm)
     if actual != expected:
-        raise DataError(f"{origin}: {algorithm} is {actual}, expected {expected} "
-                        f"(truncated or corrupt file)")
+        raise DataError(f"{origin}: {algorithm} is {actual}, expected {expected} (truncated or corrupt "
+                        f"file). Nothing was kept. Ways out: {way_out}")
 
 
 def fetch(dest: Path, url: str, expected: str, algorithm: str = "sha256",
@@ -54,7 +54,7 @@ def fetch(dest: Path, url: str, expected: str, algorithm: str = "sha256",
             source = mirror / dest.name
             if source.exists():
                 shutil.copyfile(source, partial)
-                _verify(partial, expected, algorithm, f"mirror file {source}")
+                _verify(partial, expected, algorithm, f"mirror file {source}", way_out)
                 os.replace(partial, dest)
                 return "mirror"
             tried.append(f"mirror {source}: no such file")
@@ -65,12 +65,8 @@ def fetch(dest: Path, url: str, expected: str, algorithm: str = "sha256",
             tried.append(f"download {url}: {error}")
             raise DataError(f"could not get {dest.name}. Tried:\n  - " + "\n  - ".join(tried)
                             + f"\nWays out: {way_out}") from None
-        _verify(partial, expected, algorithm, f"download {url}")
+        _verify(partial, expected, algorithm, f"download {url}", way_out)
         os.replace(partial, dest)
         return "download"
-    except DataError as error:
-        if "truncated or corrupt" in str(error):
-            raise DataError(f"{error}\nNothing was kept. Ways out: {way_out}") from None
-        raise
     finally:
         partial.unlink(missing_ok=True)
