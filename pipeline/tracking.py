@@ -8,6 +8,7 @@ the start and again at the end.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -55,12 +56,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     """A DVC plot file: one row per step/epoch, one column per series."""
     if not rows:
         raise ValueError(f"no rows for {path}")
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with tempfile.NamedTemporaryFile("w", dir=Path(path).parent, delete=False, suffix=".tmp", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(f.name, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(Path(path), text.getvalue())
 
 
 def _raise_keyboard_interrupt(signum, frame):

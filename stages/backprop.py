@@ -87,7 +87,6 @@ def main(argv):
         }
         tracker.metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
         curve_dir = METRICS / "backprop"
-        curve_dir.mkdir(parents=True, exist_ok=True)
         write_csv(curve_dir / "train_loss.csv", loss_rows)
         write_csv(curve_dir / "val_accuracy.csv", val_rows)
         fig = figures.curves({"train loss": (np.array([r["step"] for r in loss_rows]),

@@ -5,6 +5,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from sklearn.metrics import confusion_matrix
 
 from pipeline import figures, params as P
 from pipeline.data import pathmnist
@@ -13,10 +14,6 @@ from pipeline.paths import METRICS, MODELS, pathmnist_npz
 from pipeline.runtime import run_stage, seed_everything
 from pipeline.tracking import Tracker, write_csv, write_json
 from pipeline.train import cnn_loop
-
-
-def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.bincount(labels * n_classes + predicted, minlength=n_classes ** 2).reshape(n_classes, n_classes)
 
 
 def main(argv):
@@ -44,7 +41,7 @@ def main(argv):
                   "images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1)}
         tracker.metrics({**metrics, **timing})
 
-        matrix = confusion(data.labels["test"], scores.argmax(axis=1), data.n_classes)
+        matrix = confusion_matrix(data.labels["test"], scores.argmax(axis=1), labels=range(data.n_classes))
         fig_path = figures.confusion(matrix, f"{name}: test confusion matrix", f"figures/cnn/{name}/confusion.png")
         tracker.artifact(fig_path, "figures")
         model_path = MODELS / "cnn" / f"{name}.pt"
@@ -54,8 +51,6 @@ def main(argv):
         example = data.images["test"][:2].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
         tracker.torch_model(model, example)
 
-    (METRICS / "cnn" / "curves").mkdir(parents=True, exist_ok=True)
-    (METRICS / "cnn" / "confusion").mkdir(parents=True, exist_ok=True)
     write_csv(METRICS / "cnn" / "curves" / f"{name}.csv", result.curve)
     write_csv(METRICS / "cnn" / "confusion" / f"{name}.csv",
               [{"actual": int(a), "predicted": int(p)} for a, p in zip(data.labels["test"], scores.argmax(axis=1))])

@@ -12,7 +12,7 @@ from pipeline.models.mlp_forecaster import predict
 from pipeline.paths import METRICS, MODELS, ett_csv
 from pipeline.runtime import run_stage, seed_everything
 from pipeline.tracking import Tracker, write_csv, write_json
-from pipeline.train.forecaster import ForecastData, evaluate, fit
+from pipeline.train.forecaster import ForecastData, fit, scores
 
 
 def main(argv):
@@ -34,7 +34,8 @@ def main(argv):
         result = fit(data, cfg, params.base.seed,
                      on_epoch=lambda row: tracker.metrics({k: v for k, v in row.items() if k != "epoch"},
                                                           step=row["epoch"]))
-        test = evaluate(result.params, data.x_test, data.y_test, cfg)
+        pred = predict(result.params, data.x_test, cfg.kernel, cfg.window_norm)   # (windows*channels, P)
+        test = scores(pred, data.y_test)
         metrics = {"test_mse": test["mse"], "test_mae": test["mae"], "best_val_loss": result.best_val_loss,
                    "best_epoch": result.best_epoch, "epochs_run": len(result.history),
                    "n_test_windows": n_test_windows}
@@ -49,7 +50,7 @@ def main(argv):
         # Good / median / bad test windows by the OT channel's MSE.
         ot = splits.columns.index(ett.TARGET)
         x_ot, y_ot = windows["test"][0][:, ot], windows["test"][1][:, ot]
-        pred_ot = predict(result.params, x_ot.astype(cfg.dtype), cfg.kernel, cfg.window_norm)
+        pred_ot = pred.reshape(n_test_windows, data.n_channels, -1)[:, ot]
         errors = np.mean((pred_ot - y_ot) ** 2, axis=1)
         order = np.argsort(errors)
         for label, index in (("good", order[0]), ("median", order[len(order) // 2]), ("bad", order[-1])):
@@ -64,7 +65,6 @@ def main(argv):
                                   figure_dir / "loss.png")
         tracker.artifact(loss_fig, "figures")
 
-    curve_path.parent.mkdir(parents=True, exist_ok=True)
     write_csv(curve_path, result.history)
     write_json(METRICS / "mlp" / f"{variant}.run.json", tracker.run_info())
     write_json(METRICS / "mlp" / f"{variant}.timing.json", timing)   # apart: the results stay bit-identical

@@ -19,8 +19,8 @@ DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
 def stage_groups() -> dict[str, dict]:
-    """Stage (or foreach group) name -> its definition."""
-    return {name: spec.get("do", spec) for name, spec in DVC_YAML["stages"].items()}
+    """Stage (or matrix family) name -> its definition."""
+    return dict(DVC_YAML["stages"])
 
 
 def imported_project_files(module: str) -> set[str]:

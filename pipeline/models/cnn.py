@@ -26,9 +26,13 @@ class ModelError(StageError):
     """A model cannot be built as asked; the message says why and what to do."""
 
 
-def check_image_size(name: str, size: int) -> None:
+def _check_name(name: str) -> None:
     if name not in CNN_MODELS:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(CNN_MODELS)}")
+
+
+def check_image_size(name: str, size: int) -> None:
+    _check_name(name)
     if size < MIN_SIZE[name]:
         raise ModelError(f"{name} needs images of at least {MIN_SIZE[name]} px, the data has {size} px; "
                          "use a larger data.pathmnist.size")
@@ -64,8 +68,7 @@ def _imagenet_state_dict(name: str, weights_file: str, weights_sha256: str) -> d
 def build(name: str, n_classes: int, pretrained: bool = False, weights_file: str = "",
           weights_sha256: str = "") -> nn.Module:
     """A torchvision model with a fresh `n_classes` head; ImageNet weights for the body if asked."""
-    if name not in CNN_MODELS:
-        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(CNN_MODELS)}")
+    _check_name(name)
     model = getattr(torchvision.models, name)(weights=None)
     if pretrained:
         state = {(_OLD_DENSENET_KEY.sub(r"\1\2", k)): v for k, v in

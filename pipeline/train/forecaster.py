@@ -43,10 +43,14 @@ class FitResult:
     seconds: float = 0.0
 
 
-def evaluate(params: dict, x: np.ndarray, y: np.ndarray, cfg: Mlp) -> dict:
-    pred = model.predict(params, x, cfg.kernel, cfg.window_norm)
+def scores(pred: np.ndarray, y: np.ndarray) -> dict:
+    """MSE and MAE averaged over every row and step (float64 accumulation)."""
     err = pred.astype(np.float64) - y
     return {"mse": float(np.mean(err ** 2)), "mae": float(np.mean(np.abs(err)))}
+
+
+def evaluate(params: dict, x: np.ndarray, y: np.ndarray, cfg: Mlp) -> dict:
+    return scores(model.predict(params, x, cfg.kernel, cfg.window_norm), y)
 
 
 def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
