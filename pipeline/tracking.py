@@ -1,4 +1,4 @@
-"""The one place that talks to MLflow and writes DVC metrics and plot files.
+"""The one place that talks to MLflow (output files are written by `pipeline.outputs`).
 
 Tracking must never cost a result: every MLflow call is guarded; after the first failure the run
 goes on untracked, the stage still writes its DVC metrics, and the failure is printed loudly at
@@ -7,15 +7,11 @@ the start and again at the end.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -39,28 +35,6 @@ def git_commit() -> str:
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    _atomic_write(Path(path), json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """A DVC plot file: one row per step/epoch, one column per series."""
-    if not rows:
-        raise ValueError(f"no rows for {path}")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write(Path(path), text.getvalue())
 
 
 def _raise_keyboard_interrupt(signum, frame):

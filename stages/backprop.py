@@ -14,7 +14,8 @@ from pipeline.models import backprop_net as net
 from pipeline.paths import METRICS, ett_csv
 from pipeline.errors import StageError
 from pipeline.runtime import run_stage, seed_everything
-from pipeline.tracking import Tracker, write_csv, write_json
+from pipeline.outputs import write_csv, write_json
+from pipeline.tracking import Tracker
 
 FD_THRESHOLD, AUTOGRAD_THRESHOLD = 1e-5, 1e-8
 

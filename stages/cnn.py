@@ -12,7 +12,8 @@ from pipeline.data import pathmnist
 from pipeline.models import cnn
 from pipeline.paths import METRICS, MODELS, pathmnist_npz
 from pipeline.runtime import run_stage, seed_everything
-from pipeline.tracking import Tracker, write_csv, write_json
+from pipeline.outputs import write_csv, write_json
+from pipeline.tracking import Tracker
 from pipeline.train import cnn_loop
 
 

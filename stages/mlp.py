@@ -11,7 +11,8 @@ from pipeline.data import ett
 from pipeline.models.mlp_forecaster import predict
 from pipeline.paths import METRICS, MODELS, ett_csv
 from pipeline.runtime import run_stage, seed_everything
-from pipeline.tracking import Tracker, write_csv, write_json
+from pipeline.outputs import write_csv, write_json
+from pipeline.tracking import Tracker
 from pipeline.train.forecaster import ForecastData, fit, scores
 
 

@@ -1,0 +1,59 @@
+"""The one writer for every output file (metrics, curves, models, checkpoints, figures, data).
+
+Each file is written to a temporary file in the same folder, flushed to disk, then moved into
+place with `os.replace`; the temporary file is removed in `finally`. A reader (DVC, the next
+stage, a resumed run) sees the previous file or the new one, never half of one, and an
+interruption leaves no `tmp*.tmp` behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
+
+    `suffix` lets writers that insist on an extension (np.savez adds ".npz") keep theirs; the
+    temporary name always starts with "tmp" and ends with ".tmp" or the given suffix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"tmp.{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """A DVC plot file: one row per step/epoch, one column per series."""
+    if not rows:
+        raise ValueError(f"no rows for {path}")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
