@@ -46,15 +46,23 @@ class EttData:
     name: str = "ETTh1"
     # Download address; {name} is replaced by the dataset name.
     url: str = "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/{name}.csv"
-    # sha256 of the file; "" accepts any file (e.g. ETTh2 without a pinned checksum).
-    sha256: str = ""
+    # sha256 per file name; a name without a pin is accepted with a printed warning.
+    pins: dict = field(default_factory=dict)
+    target: str = "OT"        # the target column
+
+
+MEDMNIST_TASKS = ("multi-class", "multi-label, binary-class", "binary-class", "ordinal-regression")
 
 
 @dataclass
-class PathMnistData:
-    source: Literal["medmnist", "synthetic"] = "medmnist"
+class ImageData:
+    name: str = "pathmnist"   # a 2-D MedMNIST flag
+    source: Literal["medmnist", "file", "synthetic"] = "medmnist"
     size: int = 64
-    # Sizes of the synthetic splits (ignored for the real data).
+    path: str = ""            # source=file: an npz in the MedMNIST layout
+    task: str = ""            # source=file: a MedMNIST task string ("" = multi-class)
+    # The synthetic generator's own seed and split sizes (ignored for real data).
+    synthetic_seed: int = 2023
     synthetic_train: int = 4000
     synthetic_val: int = 800
     synthetic_test: int = 800
@@ -70,7 +78,7 @@ class PathMnistData:
 @dataclass
 class Data:
     ett: EttData = field(default_factory=EttData)
-    pathmnist: PathMnistData = field(default_factory=PathMnistData)
+    images: ImageData = field(default_factory=ImageData)
     # A folder holding the same files as the download (same checksums). The environment variable
     # DATA_MIRROR, when set, takes precedence; the bytes are verified either way.
     mirror_dir: str = ""
@@ -118,10 +126,12 @@ class Mlp:
     lr_decay: float = 0.5     # learning rate multiplied by this after every epoch
     clip_norm: float = 1.0    # clip the global gradient norm to this (0 = no clipping)
     # Per-window normalisation: subtract the window's last value (or mean) and add it back.
-    window_norm: Literal["none", "last", "mean"] = "none"
+    # auto: each of the others is trained and the lowest validation loss is kept.
+    window_norm: Literal["auto", "none", "last", "mean", "revin"] = "none"
     optimizer: Literal["sgd", "momentum"] = "sgd"
     momentum: float = 0.9
     dtype: Literal["float32", "float64"] = "float32"
+    seeds: int = 1            # seeds base.seed, base.seed+1, ...; the headline is their mean
 
     def __post_init__(self):
         _require(self.input_len >= 2, "input_len", "must be at least 2")
@@ -162,6 +172,9 @@ class Cnn:
     step_gamma: float = 0.1
     augment: list[Literal[AUGMENTATIONS]] = field(default_factory=list)
     rotation_degrees: float = 15.0
+    rotation_interpolation: Literal["nearest", "bilinear"] = "nearest"
+    upsample_to: int = 0      # 0 = refuse images below the model's minimum; N = resize on the device to N px
+    devices: int = 1          # processes for torchrun/DDP (1 = the single-process path)
     select_by: Literal["auc", "acc"] = "auc"
     log_every: int = 100      # iterations between train-loss / validation logs
     max_steps_per_epoch: int = 0  # 0 = the whole split (a cap for smoke runs)

@@ -21,7 +21,7 @@ def main(argv):
     (name,) = argv
     params = P.load()
     cfg = params.cnn_experiment(name)
-    data = pathmnist.load(pathmnist_npz(params.data.pathmnist.size))
+    data = pathmnist.load(pathmnist_npz(params.data.images.size))
     seed_everything(params.base.seed)   # before the model: its initial weights come from the seed
     cnn.check_image_size(cfg.model, data.size)
     model = cnn.build(cfg.model, data.n_classes, cfg.pretrained, cfg.weights_file, cfg.weights_sha256)

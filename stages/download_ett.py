@@ -13,7 +13,7 @@ def main(argv):
     dest = ett_csv(cfg.data.ett.name)
     way_out = ("set DATA_MIRROR (or data.mirror_dir) to a folder holding "
                f"{dest.name}, e.g. DATA_MIRROR=../shared/data")
-    origin = fetch(dest, cfg.data.ett.url.format(name=cfg.data.ett.name), cfg.data.ett.sha256, "sha256",
+    origin = fetch(dest, cfg.data.ett.url.format(name=cfg.data.ett.name), cfg.data.ett.pins.get(cfg.data.ett.name, ""), "sha256",
                    mirror_dir(cfg.data.mirror_dir), way_out)
     try:
         frame = ett.load_csv(dest)

@@ -13,12 +13,12 @@ from pipeline.runtime import run_stage
 
 def main(argv):
     cfg = P.load()
-    data = cfg.data.pathmnist
+    data = cfg.data.images
     dest = pathmnist_npz(data.size)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if data.source == "synthetic":
         arrays = pathmnist.synthesize(data.size, {"train": data.synthetic_train, "val": data.synthetic_val,
-                                                  "test": data.synthetic_test}, cfg.base.seed)
+                                                  "test": data.synthetic_test}, data.synthetic_seed)
         partial = dest.with_name(dest.name + ".partial.npz")   # np.savez insists on the .npz suffix
         try:
             np.savez(partial, **arrays)

@@ -30,7 +30,7 @@ def feature_maps(model: torch.nn.Module, image: torch.Tensor) -> dict[str, torch
 
 def main(argv):
     params = P.load()
-    data = pathmnist.load(pathmnist_npz(params.data.pathmnist.size))
+    data = pathmnist.load(pathmnist_npz(params.data.images.size))
     index, channel = params.features.image_index, params.features.channel
     if not 0 <= index < len(data.labels["test"]):
         raise StageError(f"features.image_index {index} is outside the {len(data.labels['test'])} test images")

@@ -20,7 +20,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 def small_params() -> dict:
     """The repository's params.yaml, shrunk: tiny synthetic PathMNIST, 1 epoch, small MLPs."""
     p = yaml.safe_load((REPO / "params.yaml").read_text())
-    p["data"]["pathmnist"].update(source="synthetic", size=32, synthetic_train=180, synthetic_val=54,
+    p["data"]["images"].update(source="synthetic", size=32, synthetic_train=180, synthetic_val=54,
                                   synthetic_test=54)
     p["backprop"].update(epochs=2)
     p["mlp"]["defaults"].update(epochs=2, hidden=32)

@@ -143,7 +143,7 @@ def test_stage_refuses_images_too_small_for_densenet_before_training(tmp_path):
     from conftest import make_repo_copy, run, small_params
 
     params = small_params()
-    params["data"]["pathmnist"]["size"] = 16
+    params["data"]["images"]["size"] = 16
     repo = make_repo_copy(tmp_path, params)
     run(["python", "-m", "stages.download_pathmnist"], repo)
     result = run(["python", "-m", "stages.cnn", "densenet121"], repo, check=False)

@@ -85,7 +85,7 @@ def test_download_stage_offline_without_mirror_fails_fast_with_one_message(tmp_p
 
 def test_download_stage_refuses_a_csv_with_nans_from_an_unpinned_mirror(tmp_path, broken_csvs):
     params = small_params()
-    params["data"]["ett"].update(sha256="", url=CLOSED_PORT_URL)
+    params["data"]["ett"].update(pins={}, url=CLOSED_PORT_URL)
     repo = make_repo_copy(tmp_path / "repo", params)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
@@ -97,8 +97,8 @@ def test_download_stage_refuses_a_csv_with_nans_from_an_unpinned_mirror(tmp_path
 
 def test_pathmnist_download_offline_names_both_ways_out(tmp_path):
     params = small_params()
-    params["data"]["pathmnist"]["source"] = "medmnist"
-    params["data"]["pathmnist"]["size"] = 64
+    params["data"]["images"]["source"] = "medmnist"
+    params["data"]["images"]["size"] = 64
     repo = make_repo_copy(tmp_path, params)
     result = run(["python", "-m", "stages.download_pathmnist"], repo, check=False, timeout=120, DATA_MIRROR="")
     assert result.returncode == 2, result.stderr

@@ -43,8 +43,8 @@ BAD = [
     ("backprop.classes", 1, "backprop.classes: 1 must be 2 or 3"),
     ("backprop.lr", 0, "backprop.lr: 0.0 must be positive"),
     ("base.device", "tpu", "choose one of: auto, cpu, cuda"),
-    ("data.pathmnist.source", "web", "choose one of: medmnist, synthetic"),
-    ("data.pathmnist.size", 100, "not a MedMNIST size"),
+    ("data.images.source", "web", "choose one of: medmnist, file, synthetic"),
+    ("data.images.size", 100, "not a MedMNIST size"),
     ("report.allow_mising", True, "report.allow_mising: unknown key"),
     ("cnn.experiment", {}, "cnn.experiment: unknown key"),
 ]

@@ -75,8 +75,8 @@ PARAM_USERS = [
     ("cnn.ablations.hflip.lr", 0.002, {"ablation", "report"}),
     ("features.channel", 1, {"features"}),
     ("report.allow_missing", True, {"report"}),
-    ("data.pathmnist.synthetic_val", 63, {"download_pathmnist"}),
-    ("base.seed", 7, {"download_pathmnist", "backprop", "mlp", "cnn", "ablation"}),
+    ("data.images.synthetic_val", 63, {"download_pathmnist"}),
+    ("base.seed", 7, {"backprop", "mlp", "cnn", "ablation"}),
 ]
 
 

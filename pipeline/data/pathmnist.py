@@ -17,7 +17,7 @@ from pipeline.errors import DataError
 SPLITS = ("train", "val", "test")
 N_CLASSES = 9
 WAY_OUT = ("set DATA_MIRROR to a folder holding the medmnist file, or use the synthetic set: "
-           "`dvc exp run -S data.pathmnist.source=synthetic`")
+           "`dvc exp run -S data.images.source=synthetic`")
 
 
 def medmnist_filename(size: int) -> str:
@@ -29,7 +29,7 @@ def fetch_medmnist(dest: Path, size: int, mirror: Path | None) -> str:
     against the `medmnist` package's own table."""
     from medmnist import INFO
 
-    info = INFO["pathmnist"]
+    info = INFO["images"]
     flag = "" if size == 28 else f"_{size}"
     staged = dest.with_name(medmnist_filename(size))
     origin = fetch(staged, info[f"url{flag}"], info[f"MD5{flag}"], "md5", mirror, WAY_OUT)

@@ -35,7 +35,7 @@ def check_image_size(name: str, size: int) -> None:
     _check_name(name)
     if size < MIN_SIZE[name]:
         raise ModelError(f"{name} needs images of at least {MIN_SIZE[name]} px, the data has {size} px; "
-                         "use a larger data.pathmnist.size")
+                         "use a larger data.images.size")
 
 
 def _imagenet_state_dict(name: str, weights_file: str, weights_sha256: str) -> dict:
