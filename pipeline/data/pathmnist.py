@@ -29,7 +29,7 @@ def fetch_medmnist(dest: Path, size: int, mirror: Path | None) -> str:
     against the `medmnist` package's own table."""
     from medmnist import INFO
 
-    info = INFO["images"]
+    info = INFO["pathmnist"]
     flag = "" if size == 28 else f"_{size}"
     staged = dest.with_name(medmnist_filename(size))
     origin = fetch(staged, info[f"url{flag}"], info[f"MD5{flag}"], "md5", mirror, WAY_OUT)
