@@ -1,18 +1,21 @@
-"""The one schema for params.yaml.
+"""The one schema for params.yaml (pydantic dataclasses).
 
 Every stage calls `load()` before doing any work, and `python -m pipeline.params` checks the file
 on its own. Wrong types, out-of-range values, unknown names and unknown keys (typos) each raise
-`ParamsError` with the full key and what is allowed.
+`ParamsError` with the full key, the bad value and what is allowed, one line per problem.
 """
 
-from __future__ import annotations
-
+import functools
+import re
 import sys
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, \
+    ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass
 
 from pipeline.paths import REPO_ROOT
 
@@ -21,283 +24,344 @@ class ParamsError(ValueError):
     """params.yaml does not fit the schema; the message names the key and the allowed values."""
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ParamsError(f"params.yaml: {key}: {message}")
+# No coercion: an int key refuses true and "10", a string key refuses 10; a float key takes ints
+# (2 -> 2.0). Strictness sits on the leaf types: a strict pydantic dataclass would refuse mappings.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+Sha256 = Annotated[str, Strict(), Field(pattern=r"^[0-9a-f]{64}$")]
+Overrides = Annotated[dict[Str, Any], BeforeValidator(lambda v: {} if v is None else v)]  # `name:` = no changes
+CONFIG = ConfigDict(extra="forbid", validate_default=True)
+
+# The names the stages accept (one place: the schema and the code that dispatches on them).
+CNN_MODELS = ("resnet18", "densenet121")
+AUGMENTATIONS = ("hflip", "rotation")
+SCHEDULERS = ("cosine", "step", "none")
+MEDMNIST_TASKS = ("multi-class", "multi-label, binary-class", "binary-class", "ordinal-regression")
+# The 2-D flags of medmnist.INFO (importing medmnist would pull in torch for every stage).
+MEDMNIST_FLAGS = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
+                  "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist")
+MEDMNIST_SIZES = (28, 64, 128, 224)
 
 
-class _FieldError(ValueError):
-    """A range check inside a section; `_build` adds the section's full key."""
-
-
-def _require(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise _FieldError(field_name, message)
-
-
-@dataclass
+@dataclass(config=CONFIG)
 class Base:
-    seed: int = 2023
+    seed: Int = Field(2023, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class EttData:
-    name: str = "ETTh1"
+    name: Str = "ETTh1"
     # Download address; {name} is replaced by the dataset name.
-    url: str = "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/{name}.csv"
+    url: Str = "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/{name}.csv"
     # sha256 per file name; a name without a pin is accepted with a printed warning.
-    pins: dict = field(default_factory=dict)
-    target: str = "OT"        # the target column
+    pins: dict[Str, Sha256] = Field(default_factory=dict)
+    target: Str = "OT"        # the target column
 
 
-MEDMNIST_TASKS = ("multi-class", "multi-label, binary-class", "binary-class", "ordinal-regression")
-
-
-@dataclass
+@dataclass(config=CONFIG)
 class ImageData:
-    name: str = "pathmnist"   # a 2-D MedMNIST flag
+    # Field order matters: the checks of name, size and path read the already validated source.
     source: Literal["medmnist", "file", "synthetic"] = "medmnist"
-    size: int = 64
-    path: str = ""            # source=file: an npz in the MedMNIST layout
-    task: str = ""            # source=file: a MedMNIST task string ("" = multi-class)
+    name: Str = "pathmnist"   # a 2-D MedMNIST flag (any label for source=file)
+    size: Int = Field(64, ge=8, le=512)
+    path: Str = ""            # source=file: an npz in the MedMNIST layout
+    task: Literal[("", *MEDMNIST_TASKS)] = ""  # source=file: the MedMNIST task ("" = multi-class)
     # The synthetic generator's own seed and split sizes (ignored for real data).
-    synthetic_seed: int = 2023
-    synthetic_train: int = 4000
-    synthetic_val: int = 800
-    synthetic_test: int = 800
+    synthetic_seed: Int = Field(2023, ge=0)
+    synthetic_train: Int = Field(4000, ge=9)  # at least one image per class
+    synthetic_val: Int = Field(800, ge=9)
+    synthetic_test: Int = Field(800, ge=9)
 
-    def __post_init__(self):
-        _require(self.size in (28, 64, 128, 224) or self.source == "synthetic", "size",
-               f"{self.size} is not a MedMNIST size (28, 64, 128, 224)")
-        _require(8 <= self.size <= 512, "size", f"{self.size} must be in [8, 512]")
-        for name in ("synthetic_train", "synthetic_val", "synthetic_test"):
-            _require(getattr(self, name) >= 9, name, "must be at least 9 (one per class)")
+    @field_validator("name")
+    @classmethod
+    def _flag(cls, name: str, info: ValidationInfo) -> str:
+        if info.data.get("source") in ("medmnist", "synthetic") and name not in MEDMNIST_FLAGS:
+            raise ValueError(f"{name!r} is not a 2-D MedMNIST flag; choose one of: {', '.join(MEDMNIST_FLAGS)}")
+        return name
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: int, info: ValidationInfo) -> int:
+        if info.data.get("source") != "synthetic" and size not in MEDMNIST_SIZES:
+            raise ValueError(f"{size} is not a MedMNIST size ({', '.join(map(str, MEDMNIST_SIZES))}); "
+                             "other sizes only with source: synthetic")
+        return size
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, path: str, info: ValidationInfo) -> str:
+        if info.data.get("source") == "file" and not path:
+            raise ValueError("required with source: file (an npz in the MedMNIST layout)")
+        return path
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class Data:
-    ett: EttData = field(default_factory=EttData)
-    images: ImageData = field(default_factory=ImageData)
+    ett: EttData = Field(default_factory=EttData)
+    images: ImageData = Field(default_factory=ImageData)
     # A folder holding the same files as the download (same checksums). The environment variable
     # DATA_MIRROR, when set, takes precedence; the bytes are verified either way.
-    mirror_dir: str = ""
+    mirror_dir: Str = ""
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class Backprop:
-    window: int = 24          # L: time steps per sample
-    horizon: int = 24         # steps after the window whose OT mean sets the label
-    classes: int = 3          # K: 2 (down/up) or 3 (down/flat/up)
-    threshold: float = 0.5    # "flat" band, in standard deviations of OT within the window
-    lr: float = 0.1
-    batch_size: int = 64
-    epochs: int = 20
-    stride: int = 4           # step between training windows
-    check_batch: int = 3      # samples in the gradient-check batch
-    check_window: int = 6     # small L for the gradient check (finite differences are O(params))
-
-    def __post_init__(self):
-        _require(self.window >= 2, "window", f"{self.window} must be at least 2")
-        _require(self.horizon >= 1, "horizon", "must be at least 1")
-        _require(self.classes in (2, 3), "classes", f"{self.classes} must be 2 or 3 (K >= 2)")
-        _require(self.threshold >= 0, "threshold", "must be >= 0")
-        _require(self.lr > 0, "lr", f"{self.lr} must be positive")
-        _require(self.batch_size >= 1, "batch_size", "must be at least 1")
-        _require(self.epochs >= 1, "epochs", "must be at least 1")
-        _require(self.stride >= 1, "stride", "must be at least 1")
-        _require(self.check_batch >= 1 and self.check_window >= 2, "check_batch/check_window",
-               "must be >= 1 and >= 2")
+    window: Int = Field(24, ge=2)     # L: time steps per sample
+    horizon: Int = Field(24, ge=1)    # steps after the window whose OT mean sets the label
+    classes: Literal[2, 3] = 3        # K: 2 (down/up) or 3 (down/flat/up)
+    threshold: Float = Field(0.5, ge=0)  # "flat" band, in standard deviations of OT within the window
+    lr: Float = Field(0.1, gt=0)
+    batch_size: Int = Field(64, ge=1)
+    epochs: Int = Field(20, ge=1)
+    stride: Int = Field(4, ge=1)      # step between training windows
+    check_batch: Int = Field(3, ge=1)    # samples in the gradient-check batch
+    check_window: Int = Field(6, ge=2)   # small L for the gradient check (finite differences are O(params))
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class Mlp:
-    input_len: int = 96       # L
-    pred_len: int = 192       # P
-    kernel: int = 25          # moving-average kernel of the decomposition (odd)
-    hidden: int = 512
+    input_len: Int = Field(96, ge=2)  # L
+    pred_len: Int = Field(192, ge=1)  # P
+    kernel: Int = Field(25, ge=1)     # moving-average kernel of the decomposition (odd)
+    hidden: Int = Field(512, ge=1)
     # Loss = element-mean MSE. The assignment's lr 0.05 assumed its own loss scaling; with the
     # element mean, 2.0 plays that role (the grid keeps its ratios: 2.0, /5, /50). See README.
-    lr: float = 2.0
-    weight_decay: float = 1e-3
-    batch_size: int = 32
-    epochs: int = 10
-    patience: int = 3
-    lr_decay: float = 0.5     # learning rate multiplied by this after every epoch
-    clip_norm: float = 1.0    # clip the global gradient norm to this (0 = no clipping)
+    lr: Float = Field(2.0, gt=0)
+    weight_decay: Float = Field(1e-3, ge=0)
+    batch_size: Int = Field(32, ge=1)
+    epochs: Int = Field(10, ge=1)
+    patience: Int = Field(3, ge=1)
+    lr_decay: Float = Field(0.5, gt=0, le=1)  # learning rate multiplied by this after every epoch
+    clip_norm: Float = Field(1.0, ge=0)       # clip the global gradient norm to this (0 = no clipping)
     # Per-window normalisation: subtract the window's last value (or mean) and add it back.
     # auto: each of the others is trained and the lowest validation loss is kept.
     window_norm: Literal["auto", "none", "last", "mean", "revin"] = "none"
     optimizer: Literal["sgd", "momentum"] = "sgd"
-    momentum: float = 0.9
+    momentum: Float = Field(0.9, ge=0, lt=1)
     dtype: Literal["float32", "float64"] = "float32"
-    seeds: int = 1            # seeds base.seed, base.seed+1, ...; the headline is their mean
+    seeds: Int = Field(1, ge=1)       # seeds base.seed, base.seed+1, ...; the headline is their mean
 
-    def __post_init__(self):
-        _require(self.input_len >= 2, "input_len", "must be at least 2")
-        _require(self.pred_len >= 1, "pred_len", "must be at least 1")
-        _require(self.kernel >= 1 and self.kernel % 2 == 1, "kernel", f"{self.kernel} must be odd and >= 1")
-        _require(self.hidden >= 1, "hidden", "must be at least 1")
-        _require(self.lr > 0, "lr", f"{self.lr} must be positive")
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _require(self.batch_size >= 1, "batch_size", "must be at least 1")
-        _require(self.epochs >= 1, "epochs", "must be at least 1")
-        _require(self.patience >= 1, "patience", "must be at least 1")
-        _require(0 < self.lr_decay <= 1, "lr_decay", "must be in (0, 1]")
-        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
-        _require(self.clip_norm >= 0, "clip_norm", "must be >= 0")
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError(f"{kernel} must be odd")
+        return kernel
 
 
-# The names the CNN stages accept (one place: the schema and the code that dispatches on them).
-CNN_MODELS = ("resnet18", "densenet121")
-AUGMENTATIONS = ("hflip", "rotation")
-SCHEDULERS = ("cosine", "step", "none")
-
-
-@dataclass
+@dataclass(config=CONFIG)
 class Cnn:
     model: Literal[CNN_MODELS] = "resnet18"
-    pretrained: bool = False
+    pretrained: Bool = False
     # Local ImageNet weights for fine-tuning (a torchvision state dict); "" = torchvision's
     # download / torch hub cache. The environment variable FINETUNE_WEIGHTS overrides it.
-    weights_file: str = ""
-    weights_sha256: str = ""  # refuse a weights file with another checksum ("" = no pin)
-    epochs: int = 10
-    batch_size: int = 64
-    eval_batch_size: int = 1024
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    weights_file: Str = ""
+    weights_sha256: Str = ""  # refuse a weights file with another checksum ("" = no pin)
+    epochs: Int = Field(10, ge=1)
+    batch_size: Int = Field(64, ge=1)
+    eval_batch_size: Int = Field(1024, ge=1)
+    lr: Float = Field(1e-3, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
     scheduler: Literal[SCHEDULERS] = "cosine"
-    step_size: int = 3        # StepLR: epochs between decays
-    step_gamma: float = 0.1
-    augment: list[Literal[AUGMENTATIONS]] = field(default_factory=list)
-    rotation_degrees: float = 15.0
+    step_size: Int = Field(3, ge=1)   # StepLR: epochs between decays
+    step_gamma: Float = Field(0.1, gt=0, le=1)
+    augment: list[Literal[AUGMENTATIONS]] = Field(default_factory=list)
+    rotation_degrees: Float = Field(15.0, ge=0, le=180)
     rotation_interpolation: Literal["nearest", "bilinear"] = "nearest"
-    upsample_to: int = 0      # 0 = refuse images below the model's minimum; N = resize on the device to N px
-    devices: int = 1          # processes for torchrun/DDP (1 = the single-process path)
+    upsample_to: Int = Field(0, ge=0)  # 0 = refuse images below the model's minimum; N = resize on the device to N px
+    devices: Int = Field(1, ge=1)      # processes for torchrun/DDP (1 = the single-process path)
     select_by: Literal["auc", "acc"] = "auc"
-    log_every: int = 100      # iterations between train-loss / validation logs
-    max_steps_per_epoch: int = 0  # 0 = the whole split (a cap for smoke runs)
-    resume: bool = False      # continue from the epoch checkpoint of an interrupted run (same config)
+    log_every: Int = Field(100, ge=1)  # iterations between train-loss / validation logs
+    max_steps_per_epoch: Int = Field(0, ge=0)  # 0 = the whole split (a cap for smoke runs)
+    resume: Bool = False      # continue from the epoch checkpoint of an interrupted run (same config)
 
-    def __post_init__(self):
-        _require(self.epochs >= 1, "epochs", "must be at least 1")
-        _require(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch_size", "must be at least 1")
-        _require(self.lr > 0, "lr", f"{self.lr} must be positive")
-        _require(self.step_size >= 1 and 0 < self.step_gamma <= 1, "step_size/step_gamma",
-               "step_size >= 1 and step_gamma in (0, 1]")
-        _require(0 <= self.rotation_degrees <= 180, "rotation_degrees", "must be in [0, 180]")
-        _require(self.log_every >= 1, "log_every", "must be at least 1")
-        _require(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", "must be >= 0")
+    @field_validator("upsample_to")
+    @classmethod
+    def _upsample(cls, size: int) -> int:
+        if 0 < size < 8:
+            raise ValueError(f"{size} must be 0 (no resizing) or at least 8")
+        return size
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class Features:
-    image_index: int = 0      # which test image
-    channel: int = 0          # which channel of each stage's feature map
+    image_index: Int = Field(0, ge=0)  # which test image
+    channel: Int = Field(0, ge=0)      # which channel of each stage's feature map
 
 
-@dataclass
+@dataclass(config=CONFIG)
 class Report:
-    allow_missing: bool = False  # build the report even when some experiments' metrics are missing
+    allow_missing: Bool = False  # build the report even when some experiments' metrics are missing
 
 
-@dataclass
+@dataclass(config=CONFIG)
+class MlpSection:
+    defaults: Mlp
+    variants: dict[Str, Overrides]  # name -> the keys of defaults it changes
+
+
+@dataclass(config=CONFIG)
+class CnnSection:
+    defaults: Cnn
+    experiments: dict[Str, Overrides]
+    ablations: dict[Str, Overrides]
+
+
+@dataclass(config=CONFIG, kw_only=True)
 class Params:
-    base: Base = field(default_factory=Base)
-    data: Data = field(default_factory=Data)
-    backprop: Backprop = field(default_factory=Backprop)
-    mlp: dict = field(default_factory=dict)   # {defaults: Mlp, variants: {name: overrides}}
-    cnn: dict = field(default_factory=dict)   # {defaults: Cnn, experiments: {...}, ablations: {...}}
-    features: Features = field(default_factory=Features)
-    report: Report = field(default_factory=Report)
+    base: Base = Field(default_factory=Base)
+    data: Data = Field(default_factory=Data)
+    backprop: Backprop = Field(default_factory=Backprop)
+    mlp: MlpSection
+    cnn: CnnSection
+    features: Features = Field(default_factory=Features)
+    report: Report = Field(default_factory=Report)
 
     def mlp_variant(self, name: str) -> Mlp:
-        return _variant(self.mlp, "mlp", name, Mlp)
+        return _variant(self.mlp, "mlp", name)
 
     def mlp_variants(self) -> list[str]:
-        return list(self.mlp.get("variants", {}))
+        return list(self.mlp.variants)
 
     def cnn_experiment(self, name: str) -> Cnn:
-        return _variant(self.cnn, "cnn", name, Cnn)
+        return _variant(self.cnn, "cnn", name)
 
     def cnn_experiments(self) -> list[str]:
         """Every CNN run: the named experiments, then the ablations of model B."""
-        return [*self.cnn.get("experiments", {}), *self.cnn.get("ablations", {})]
+        return [*self.cnn.experiments, *self.cnn.ablations]
 
 
-def _variant(section: dict, section_name: str, name: str, cls):
-    groups = [g for g in section if g != "defaults"]
+def _variant(section, section_name: str, name: str):
+    """The section's defaults with the named entry's overrides, validated as one config."""
+    groups = [f.name for f in fields(section) if f.name != "defaults"]
     for group in groups:
-        if name in (section[group] or {}):
-            merged = {**(section.get("defaults") or {}), **(section[group][name] or {})}
-            return _build(cls, merged, f"{section_name}.{group}.{name}")
-    defined = [n for g in groups for n in (section[g] or {})]
+        entries = getattr(section, group)
+        if name in entries:
+            merged = {**asdict(section.defaults), **entries[name]}
+            return _validate(type(section.defaults), merged, f"{section_name}.{group}.{name}")
+    defined = [n for g in groups for n in getattr(section, g)]
     raise ParamsError(f"params.yaml: {section_name}: no entry {name!r}; defined: {', '.join(defined)}")
 
 
-def _convert(tp, value, key: str):
-    origin = get_origin(tp)
-    if is_dataclass(tp):
-        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
-        return _build(tp, value, key)
-    if origin is Literal:
-        allowed = get_args(tp)
-        _check(value in allowed, key, f"{value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-        return value
-    if origin is list:
-        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
-        (item_type,) = get_args(tp)
-        return [_convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
-        return value
-    if tp is dict:
-        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
-        return value
-    raise TypeError(f"schema has an unsupported type {tp!r} at {key}")
+# Keys of older params files: say where they went instead of only "unknown key".
+_RENAMED = {
+    "data.pathmnist": "data.pathmnist was renamed to data.images (same keys plus name/path/task/synthetic_seed)",
+    "data.ett.sha256": "data.ett.sha256 was replaced by data.ett.pins: {<file name>: <sha256>}",
+}
 
 
-def _build(cls, data: dict, prefix: str):
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    _check(not unknown, f"{prefix}.{unknown[0]}" if unknown else prefix,
-           f"unknown key; allowed keys of {prefix}: {', '.join(sorted(known))}")
-    kwargs = {name: _convert(hints[name], value, f"{prefix}.{name}") for name, value in data.items()}
+@functools.cache
+def _adapter(cls) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _validate(cls, raw, prefix: str = ""):
     try:
-        return cls(**kwargs)
-    except _FieldError as error:
-        field_name, message = error.args
-        raise ParamsError(f"params.yaml: {prefix}.{field_name}: {message}") from None
+        return _adapter(cls).validate_python(raw)
+    except ValidationError as error:
+        raise ParamsError("\n".join(_line(e, cls, prefix) for e in error.errors())) from None
+
+
+def _type_at(tp, loc):
+    """The schema type at an error location (dataclass fields, list items, mapping values)."""
+    for part in loc:
+        if is_dataclass(tp):
+            tp = get_type_hints(tp).get(part)
+        elif get_origin(tp) in (list, dict):
+            tp = get_args(tp)[-1]
+    return tp
+
+
+def _number(text: str) -> bool:
+    try:
+        return float(text) is not None
+    except ValueError:
+        return False
+
+
+def _choices(values) -> str:
+    return ", ".join(str(v) if v and "," not in str(v) else repr(v) for v in values)
+
+
+def _line(error: dict, root, prefix: str) -> str:
+    loc, value, kind, ctx = error["loc"], error["input"], error["type"], error.get("ctx", {})
+    key = ".".join(filter(None, [prefix, "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)[1:]]))
+    key = key or "(top level)"
+    quoted = " (drop the quotes)" if isinstance(value, str) and _number(value) else ""
+    unknown = kind in ("extra_forbidden", "unexpected_keyword_argument")
+    if unknown and key in _RENAMED:
+        return f"params.yaml: {_RENAMED[key]}"
+    if unknown:
+        parent = _type_at(root, loc[:-1])
+        where = key.rpartition(".")[0] or "params.yaml"
+        text = f"unknown key; allowed keys of {where}: {', '.join(sorted(f.name for f in fields(parent)))}"
+    elif kind == "literal_error":
+        text = f"{value!r} is not allowed; choose one of: {_choices(get_args(_type_at(root, loc)))}"
+    elif kind == "int_type":
+        text = f"expected an integer, got {value!r}{quoted}"
+    elif kind in ("float_type", "finite_number"):
+        text = f"expected a {'finite ' if kind == 'finite_number' else ''}number, got {value!r}{quoted}"
+    elif kind == "string_type":
+        text = f"expected a string, got {value!r} (put it in quotes)"
+    elif kind == "bool_type":
+        text = f"expected true or false, got {value!r}"
+    elif kind in ("dict_type", "dataclass_type", "dataclass_args_type"):
+        text = f"expected a mapping, got {value!r}" if loc else "expected a mapping of sections"
+    elif kind == "list_type":
+        text = f"expected a list, got {value!r}"
+    elif kind == "missing":
+        text = "missing (required)"
+    elif kind == "greater_than":
+        text = f"{value!r} must be positive" if ctx["gt"] == 0 else f"{value!r} must be greater than {ctx['gt']}"
+    elif kind == "greater_than_equal":
+        text = f"{value!r} must be at least {ctx['ge']}"
+    elif kind in ("less_than_equal", "less_than"):
+        text = f"{value!r} must be {'at most' if 'le' in ctx else 'below'} {ctx.get('le', ctx.get('lt'))}"
+    elif kind == "string_pattern_mismatch":
+        text = f"{value!r} is not a sha256 (64 lowercase hex digits)"
+    elif kind == "value_error":
+        text = str(ctx["error"])
+    else:
+        text = f"{error['msg']}, got {value!r}"
+    return f"params.yaml: {key}: {text}"
 
 
 def parse(raw: dict) -> Params:
-    _check(isinstance(raw, dict), "(top level)", "expected a mapping of sections")
-    params = _build(Params, raw, "params")
-    for section_name, cls, groups in (("mlp", Mlp, ("variants",)), ("cnn", Cnn, ("experiments", "ablations"))):
-        section = getattr(params, section_name)
-        allowed = {"defaults", *groups}
-        unknown = sorted(set(section) - allowed)
-        _check(not unknown, f"{section_name}.{unknown[0] if unknown else ''}",
-               f"unknown key; allowed: {', '.join(sorted(allowed))}")
-        missing = [g for g in ("defaults", *groups) if g not in section]
-        _check(not missing, section_name, f"missing {', '.join(missing)}")
-        _build(cls, section["defaults"] or {}, f"{section_name}.defaults")
-        for group in groups:
-            _check(isinstance(section[group], dict), f"{section_name}.{group}", "expected a mapping of names")
-            for name in section[group]:
-                _variant(section, section_name, name, cls)
+    params = _validate(Params, raw)
+    problems = []
+    for name in params.mlp_variants():
+        try:
+            params.mlp_variant(name)
+        except ParamsError as error:
+            problems.append(str(error))
+    for name in params.cnn_experiments():
+        try:
+            params.cnn_experiment(name)
+        except ParamsError as error:
+            problems.append(str(error))
+    if problems:
+        raise ParamsError("\n".join(problems))
     return params
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: `1e-05` (how DVC writes `-S key=1e-5`), `5E-4`
+    and `1.0e+3` are numbers, not strings. Everything else resolves as in SafeLoader."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
 
 
 def load(path: str | Path | None = None) -> Params:
@@ -305,7 +369,7 @@ def load(path: str | Path | None = None) -> Params:
     if not path.exists():
         raise ParamsError(f"{path} not found: run the stage from the repository root ({REPO_ROOT})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
     return parse(raw)
