@@ -5,7 +5,6 @@ on its own. Wrong types, out-of-range values, unknown names and unknown keys (ty
 `ParamsError` with the full key, the bad value and what is allowed, one line per problem.
 """
 
-import functools
 import re
 import sys
 from dataclasses import asdict, fields, is_dataclass
@@ -75,27 +74,18 @@ class ImageData:
     synthetic_val: Int = Field(800, ge=9)
     synthetic_test: Int = Field(800, ge=9)
 
-    @field_validator("name")
+    @field_validator("name", "size", "path")
     @classmethod
-    def _flag(cls, name: str, info: ValidationInfo) -> str:
-        if info.data.get("source") in ("medmnist", "synthetic") and name not in MEDMNIST_FLAGS:
-            raise ValueError(f"{name!r} is not a 2-D MedMNIST flag; choose one of: {', '.join(MEDMNIST_FLAGS)}")
-        return name
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, size: int, info: ValidationInfo) -> int:
-        if info.data.get("source") != "synthetic" and size not in MEDMNIST_SIZES:
-            raise ValueError(f"{size} is not a MedMNIST size ({', '.join(map(str, MEDMNIST_SIZES))}); "
+    def _fits_source(cls, value, info: ValidationInfo):
+        source, key = info.data.get("source"), info.field_name
+        if key == "name" and source in ("medmnist", "synthetic") and value not in MEDMNIST_FLAGS:
+            raise ValueError(f"{value!r} is not a 2-D MedMNIST flag; choose one of: {', '.join(MEDMNIST_FLAGS)}")
+        if key == "size" and source in ("medmnist", "file") and value not in MEDMNIST_SIZES:
+            raise ValueError(f"{value} is not a MedMNIST size ({', '.join(map(str, MEDMNIST_SIZES))}); "
                              "other sizes only with source: synthetic")
-        return size
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, path: str, info: ValidationInfo) -> str:
-        if info.data.get("source") == "file" and not path:
+        if key == "path" and source == "file" and not value:
             raise ValueError("required with source: file (an npz in the MedMNIST layout)")
-        return path
+        return value
 
 
 @dataclass(config=CONFIG)
@@ -253,14 +243,9 @@ _RENAMED = {
 }
 
 
-@functools.cache
-def _adapter(cls) -> TypeAdapter:
-    return TypeAdapter(cls)
-
-
 def _validate(cls, raw, prefix: str = ""):
     try:
-        return _adapter(cls).validate_python(raw)
+        return TypeAdapter(cls).validate_python(raw)
     except ValidationError as error:
         raise ParamsError("\n".join(_line(e, cls, prefix) for e in error.errors())) from None
 
@@ -275,10 +260,11 @@ def _type_at(tp, loc):
     return tp
 
 
-def _number(text: str) -> bool:
+def _quoted_number(value) -> bool:
+    """"10" or '1e-05': YAML reads a number once the quotes go."""
     try:
-        return float(text) is not None
-    except ValueError:
+        return isinstance(value, str) and type(yaml.load(value, Loader=YamlLoader)) in (int, float)
+    except yaml.YAMLError:
         return False
 
 
@@ -286,62 +272,57 @@ def _choices(values) -> str:
     return ", ".join(str(v) if v and "," not in str(v) else repr(v) for v in values)
 
 
+# pydantic's error type -> our text; `input` is the bad value, the rest comes from the error's ctx.
+_TEXTS = {
+    "int_type": "expected an integer, got {input!r}{unquote}",
+    "float_type": "expected a number, got {input!r}{unquote}",
+    "finite_number": "expected a finite number, got {input!r}",
+    "string_type": "expected a string, got {input!r} (put it in quotes)",
+    "bool_type": "expected true or false, got {input!r}",
+    "dict_type": "expected a mapping, got {input!r}",
+    "dataclass_type": "expected a mapping, got {input!r}",
+    "list_type": "expected a list, got {input!r}",
+    "missing": "missing (required)",
+    "greater_than": "{input!r} must be greater than {gt}",
+    "greater_than_equal": "{input!r} must be at least {ge}",
+    "less_than": "{input!r} must be below {lt}",
+    "less_than_equal": "{input!r} must be at most {le}",
+    "string_pattern_mismatch": "{input!r} is not a sha256 (64 lowercase hex digits)",
+    "value_error": "{error}",
+}
+
+
 def _line(error: dict, root, prefix: str) -> str:
-    loc, value, kind, ctx = error["loc"], error["input"], error["type"], error.get("ctx", {})
-    key = ".".join(filter(None, [prefix, "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)[1:]]))
-    key = key or "(top level)"
-    quoted = " (drop the quotes)" if isinstance(value, str) and _number(value) else ""
-    unknown = kind in ("extra_forbidden", "unexpected_keyword_argument")
-    if unknown and key in _RENAMED:
-        return f"params.yaml: {_RENAMED[key]}"
-    if unknown:
-        parent = _type_at(root, loc[:-1])
-        where = key.rpartition(".")[0] or "params.yaml"
-        text = f"unknown key; allowed keys of {where}: {', '.join(sorted(f.name for f in fields(parent)))}"
+    loc, value, kind = error["loc"], error["input"], error["type"]
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)[1:]
+    key = ".".join(filter(None, [prefix, path])) or "(top level)"
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        if key in _RENAMED:
+            return f"params.yaml: {_RENAMED[key]}"
+        allowed = sorted(f.name for f in fields(_type_at(root, loc[:-1])))
+        text = f"unknown key; allowed keys of {key.rpartition('.')[0] or 'params.yaml'}: {', '.join(allowed)}"
     elif kind == "literal_error":
         text = f"{value!r} is not allowed; choose one of: {_choices(get_args(_type_at(root, loc)))}"
-    elif kind == "int_type":
-        text = f"expected an integer, got {value!r}{quoted}"
-    elif kind in ("float_type", "finite_number"):
-        text = f"expected a {'finite ' if kind == 'finite_number' else ''}number, got {value!r}{quoted}"
-    elif kind == "string_type":
-        text = f"expected a string, got {value!r} (put it in quotes)"
-    elif kind == "bool_type":
-        text = f"expected true or false, got {value!r}"
-    elif kind in ("dict_type", "dataclass_type", "dataclass_args_type"):
-        text = f"expected a mapping, got {value!r}" if loc else "expected a mapping of sections"
-    elif kind == "list_type":
-        text = f"expected a list, got {value!r}"
-    elif kind == "missing":
-        text = "missing (required)"
-    elif kind == "greater_than":
-        text = f"{value!r} must be positive" if ctx["gt"] == 0 else f"{value!r} must be greater than {ctx['gt']}"
-    elif kind == "greater_than_equal":
-        text = f"{value!r} must be at least {ctx['ge']}"
-    elif kind in ("less_than_equal", "less_than"):
-        text = f"{value!r} must be {'at most' if 'le' in ctx else 'below'} {ctx.get('le', ctx.get('lt'))}"
-    elif kind == "string_pattern_mismatch":
-        text = f"{value!r} is not a sha256 (64 lowercase hex digits)"
-    elif kind == "value_error":
-        text = str(ctx["error"])
+    elif not loc:
+        text = "expected a mapping of sections"
+    elif kind == "greater_than" and error["ctx"]["gt"] == 0:
+        text = f"{value!r} must be positive"
     else:
-        text = f"{error['msg']}, got {value!r}"
+        unquote = " (drop the quotes)" if _quoted_number(value) else ""
+        template = _TEXTS.get(kind, error["msg"] + ", got {input!r}")
+        text = template.format(input=value, unquote=unquote, **error.get("ctx", {}))
     return f"params.yaml: {key}: {text}"
 
 
 def parse(raw: dict) -> Params:
     params = _validate(Params, raw)
-    problems = []
-    for name in params.mlp_variants():
-        try:
-            params.mlp_variant(name)
-        except ParamsError as error:
-            problems.append(str(error))
-    for name in params.cnn_experiments():
-        try:
-            params.cnn_experiment(name)
-        except ParamsError as error:
-            problems.append(str(error))
+    problems = []   # each variant is its section's defaults plus its overrides, checked as one config
+    for get, names in ((params.mlp_variant, params.mlp_variants()), (params.cnn_experiment, params.cnn_experiments())):
+        for name in names:
+            try:
+                get(name)
+            except ParamsError as error:
+                problems.append(str(error))
     if problems:
         raise ParamsError("\n".join(problems))
     return params
