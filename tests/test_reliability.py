@@ -282,3 +282,12 @@ def test_a_stage_started_from_a_shell_that_ignores_sigint_still_stops_cleanly(da
     assert {o: (data_repo / o).read_bytes() for o in outputs} == before
     assert client.get_run(new[0].info.run_id).info.status == "KILLED"
     assert _leftovers(data_repo) == []
+
+
+def test_make_works_in_a_folder_whose_path_has_a_space(tmp_path):
+    repo = make_repo_copy(tmp_path / "dir with space")
+    (repo / ".venv").symlink_to(Path(VENV_BIN).parent)
+    # -o: treat the venv stamp as up to date (never reinstall the shared venv from a test)
+    result = subprocess.run(["make", "-o", ".venv/.installed", "params"], cwd=repo, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
