@@ -1,3 +1,4 @@
+# Paths are quoted in recipes: the checkout may live in a folder whose name has a space.
 # Set-up is part of every target: a venv with the pinned requirements, rebuilt only when
 # requirements.txt changes (fast when already installed).
 VENV := .venv
@@ -5,15 +6,15 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench browser
+.PHONY: setup repro test bench browser params plots-template
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt
-	python3 -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
-	touch $@
+	python3 -m venv "$(VENV)"
+	"$(BIN)/python" -m pip install -q --upgrade pip
+	"$(BIN)/python" -m pip install -q -r requirements.txt
+	touch "$@"
 
 # The whole pipeline with the default params (real data; needs the internet or DATA_MIRROR).
 repro: setup
@@ -24,7 +25,15 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 test: setup browser
-	$(BIN)/python -m pytest
+	"$(BIN)/python" -m pytest
 
 bench: setup
-	$(BIN)/python -m bench.cnn_throughput
+	"$(BIN)/python" -m bench.cnn_throughput
+
+# Check params.yaml without running anything.
+params: setup
+	"$(BIN)/python" -m pipeline.params
+
+# Rebuild the offline `dvc plots show` template (vega, vega-lite, vega-embed inlined) from npm.
+plots-template: setup
+	"$(BIN)/python" vega/build_template.py

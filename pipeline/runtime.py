@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import sys
 from typing import Callable
 
@@ -12,8 +13,20 @@ from pipeline.errors import DataError, StageError
 from pipeline.params import ParamsError
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_stage(main: Callable[[list[str]], None]) -> None:
-    """Run a stage's main(argv); bad params or data end with one message and exit code 2."""
+    """Run a stage's main(argv); bad params or data end with one message and exit code 2.
+
+    SIGINT and SIGTERM both raise KeyboardInterrupt for the whole stage, so every `finally`
+    runs (temporary files removed, the MLflow run marked KILLED) and the exit code is 130. SIGINT
+    is set explicitly: a process started from a shell that ignores it (`trap "" INT`, a
+    background job) inherits SIG_IGN, and Python then installs no handler of its own.
+    """
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main(sys.argv[1:])
     except (ParamsError, DataError, StageError) as error:

@@ -2,31 +2,49 @@
 
 Tracking must never cost a result: every MLflow call is guarded; after the first failure the run
 goes on untracked, the stage still writes its DVC metrics, and the failure is printed loudly at
-the start and again at the end.
+the start and again at the end. The one exception is an experiment whose artifact folder lies
+inside a DVC temporary copy (see `_check_artifact_location`): that would silently lose every
+artifact, so the stage stops before training with the repair command.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import traceback
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+from pipeline.errors import StageError
 from pipeline.paths import REPO_ROOT, main_repo_root
 
 EXPERIMENTS = {"backprop": "part1-backprop", "mlp": "part2-forecasting", "cnn": "part3-classification"}
 
-# Fail fast when a tracking server is down, instead of MLflow's default minutes of retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+# A server that is down fails fast (seconds), a brief server error under load (5xx, 429, a dropped
+# connection) is retried twice with ~1 s and ~2 s waits instead of losing the run; MLflow's own
+# defaults retry for minutes. Values the user exported win.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+# CPU/memory (and GPU with nvidia-ml-py) sampled every 10 s: one small write per 10 s.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10")
+
+# Stores reached through a server decide their own artifact location; any other store is opened
+# by this process, which would put artifacts under its working directory (a DVC temp copy).
+SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
 
 
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else a SQLite store at the root of the user's repository."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{main_repo_root() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    """Where runs of a directly opened store keep their artifacts: outside DVC's temp copies."""
+    return main_repo_root() / "mlartifacts"
 
 
 def git_commit() -> str:
@@ -37,14 +55,76 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+def _is_server(uri: str) -> bool:
+    return urlsplit(uri).scheme in SERVER_SCHEMES
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def prepare_experiment(uri: str, name: str):
+    """The experiment `name`, created if needed, with the store initialised first.
+
+    SQLite: the first use of a fresh file creates and migrates the schema; several processes doing
+    that at once (`dvc queue start -j 4`) race ("duplicate column name") and can leave the file
+    broken for every later writer. Store creation and experiment creation therefore happen under
+    one file lock next to the database; later callers find both done and pass in milliseconds.
+    """
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    db = _sqlite_file(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(db) + ".lock", timeout=300):
+            return _get_or_create(MlflowClient(tracking_uri=uri), uri, name)
+    return _get_or_create(MlflowClient(tracking_uri=uri), uri, name)
+
+
+def _get_or_create(client, uri: str, name: str):
+    experiment = client.get_experiment_by_name(name)   # the first call creates/migrates the store
+    if experiment is None:
+        location = None if _is_server(uri) else (artifact_root() / name).as_uri()
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - created meanwhile by another writer (a server store)
+            pass
+        experiment = client.get_experiment_by_name(name)
+    _check_artifact_location(experiment, uri)
+    return experiment
+
+
+def _check_artifact_location(experiment, uri: str) -> None:
+    """Refuse an experiment whose artifacts would go to a folder that DVC deletes.
+
+    Older versions created experiments from inside `dvc exp run --queue/--temp` with their
+    artifact location in `.dvc/tmp/exps/...`; every later run, queued or not, would write its
+    models and figures there and lose them. This stops the stage (before any training) rather
+    than warn, because a warning in a queued run's log is easy to miss and the loss is silent and
+    permanent; the repair is one command.
+    """
+    location = experiment.artifact_location or ""
+    if "/.dvc/tmp/" not in location.replace("\\", "/"):
+        return
+    raise StageError(
+        f"MLflow experiment '{experiment.name}' (id {experiment.experiment_id}) keeps its artifacts in "
+        f"{location}, inside a temporary DVC experiment folder that DVC deletes after each run, so "
+        "the artifacts of its runs are lost. Rename it once (its runs stay visible under the new "
+        "name); the next run creates a fresh experiment with artifacts in "
+        f"{artifact_root() / experiment.name}:\n"
+        f"  MLFLOW_TRACKING_URI='{_redact(uri)}' mlflow experiments rename "
+        f"--experiment-id {experiment.experiment_id} --new-name '{experiment.name}-tmp-artifacts'")
 
 
 class Tracker:
     """One MLflow run for one stage or variant; use as a context manager.
 
-    The run ends FINISHED on success, KILLED on SIGINT/SIGTERM, FAILED on any other error.
+    The run ends FINISHED on success, KILLED on KeyboardInterrupt (SIGINT/SIGTERM, turned into
+    one by `pipeline.runtime.run_stage`), FAILED on any other error.
     """
 
     def __init__(self, family: str, run_name: str, data_source: str, extra_tags: dict | None = None):
@@ -63,6 +143,8 @@ class Tracker:
             return None
         try:
             return fn(*args, **kwargs)
+        except StageError:
+            raise
         except Exception as error:  # noqa: BLE001 - tracking must not stop training
             self.failure = f"{what}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             print(f"\n*** MLflow TRACKING FAILED ({_redact(tracking_uri())}) - {self.failure}\n"
@@ -70,7 +152,6 @@ class Tracker:
             return None
 
     def __enter__(self):
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             import mlflow
         except ImportError as error:
@@ -79,9 +160,13 @@ class Tracker:
         self._mlflow = mlflow
 
         def start():
-            mlflow.set_tracking_uri(tracking_uri())
-            experiment = mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.run_name, tags=self.tags)
+            uri = tracking_uri()
+            mlflow.set_tracking_uri(uri)
+            experiment = prepare_experiment(uri, self.experiment)
+            # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false in the environment turns system metrics off.
+            system = None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True
+            run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=self.run_name,
+                                   tags=self.tags, log_system_metrics=system)
             self.run_id, self.experiment_id = run.info.run_id, experiment.experiment_id
 
         self._call("start run", start)
@@ -106,7 +191,6 @@ class Tracker:
                   f"*** Tracking URI: {_redact(tracking_uri())}. The DVC metrics files were written; the MLflow "
                   "run is missing or incomplete. Check the server (or unset MLFLOW_TRACKING_URI) and "
                   "re-run the stage with `dvc repro -f <stage>`.\n", file=sys.stderr)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         return False
 
     # -- what stages log -----------------------------------------------------------------------
@@ -118,6 +202,30 @@ class Tracker:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self._mlflow:
             self._call("log metrics", self._mlflow.log_metrics, clean, step=step)
+
+    def dataset(self, name: str, source: str, digest: str, splits: dict[str, int], context: str = "training") -> None:
+        """Record the data as an MLflow dataset input (the UI's Datasets column).
+
+        `source`: the URL or file it came from; `digest`: its checksum (sha256, or the DVC md5);
+        `splits`: split name -> number of examples. Only metadata is logged, nothing is hashed here.
+        """
+        if not self._mlflow:
+            return
+
+        def log():
+            import warnings
+
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+
+            with warnings.catch_warnings():   # "can be interpreted in multiple ways": both are local files
+                warnings.simplefilter("ignore", UserWarning)
+                resolved = resolve_dataset_source(source)
+            # MLflow stores at most 36 characters of digest; the full checksum goes in a tag.
+            data = MetaDataset(resolved, name=name, digest=digest[:36])
+            tags = {"checksum": digest, **{f"{split}_examples": str(int(n)) for split, n in splits.items()}}
+            self._mlflow.log_input(data, context=context, tags=tags)
+        self._call(f"log dataset {name}", log)
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         if self._mlflow:
@@ -144,11 +252,12 @@ class Tracker:
 
 
 def _redact(uri: str) -> str:
-    """Drop user:password from a URI before it is written anywhere."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
+    """Drop user:password from an http(s) URI before it is written anywhere (other URIs, such as
+    a SQLite path that contains '@', are left as they are)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

@@ -2,6 +2,7 @@
 torch autograd), then train it with plain SGD on ETT direction labels and compare with the
 majority-class baseline."""
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def main(argv):
 
     with Tracker("backprop", "backprop", data_source=f"{name} (real)") as tracker:
         tracker.params({"dataset": name, "seed": params.base.seed, **asdict(cfg)})
+        tracker.dataset(name, str(ett_csv(name).resolve()), hashlib.sha256(ett_csv(name).read_bytes()).hexdigest(),
+                        {s: len(data[s][1]) for s in data})
         # 1. Gradient checks on a random batch (small L so finite differences stay cheap).
         check_params = net.init_params(cfg.check_window, n_features, cfg.classes, rng)
         for key in ("b1", "b2", "b3"):   # non-zero biases so every term of the derivation is exercised

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+SHARED_DATA = Path(os.environ.get("SHARED_DATA") or REPO.parent / "shared" / "data").resolve()
 VENV_BIN = str(Path(sys.executable).parent)
 
 

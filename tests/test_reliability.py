@@ -205,3 +205,89 @@ def test_two_queued_experiments_run_at_once_and_both_land_in_the_store(pipeline_
     shown = json.loads(dvc(pipeline_repo, "exp", "show", "--json").stdout)
     names = {e.get("name") for rev in shown for e in (rev.get("experiments") or [])}
     assert {"queued-0.15", "queued-0.25"} <= names
+
+
+# -- interruption at chosen points (no timing: the stage signals itself, or it cannot finish) ----------
+
+INTERRUPT_WHILE_WRITING = """
+import os, signal, sys
+import numpy as np
+from pipeline.outputs import atomic_path, write_json
+from pipeline.runtime import run_stage
+
+def main(argv):
+    target, how = argv
+    with atomic_path(target, suffix=".npz" if target.endswith(".npz") else ".tmp") as tmp:
+        if target.endswith(".npz"):
+            np.savez(tmp, x=np.zeros(1000))
+        else:
+            tmp.write_text('{"half": ')
+        os.kill(os.getpid(), getattr(signal, how))   # the signal arrives mid-write
+        signal.pause()
+
+run_stage(main)
+"""
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if ".git" not in p.parts and (p.name.startswith("tmp.") or p.name.endswith((".partial", ".tmp"))))
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("target", ["metrics/x.json", "models/x.npz"])
+def test_a_signal_during_an_output_write_keeps_the_previous_file_and_no_temp_file(tmp_path, target, how):
+    (tmp_path / target).parent.mkdir(parents=True)
+    (tmp_path / target).write_bytes(b"previous")
+    process = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_WRITING, target, how], cwd=tmp_path,
+                             env=env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert process.returncode == 130 and "interrupted" in process.stderr, process.stderr
+    assert (tmp_path / target).read_bytes() == b"previous"
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stage_started_from_a_shell_that_ignores_sigint_still_stops_cleanly(data_repo, signum):
+    """`trap "" INT` makes the stage inherit SIG_IGN; run_stage must still turn SIGINT into a clean stop."""
+    outputs = ["metrics/backprop.json", "metrics/backprop.run.json", "metrics/backprop/train_loss.csv"]
+    if not all((data_repo / o).exists() for o in outputs):
+        run([sys.executable, "-m", "stages.backprop"], data_repo)   # the previous, complete outputs
+    before = {o: (data_repo / o).read_bytes() for o in outputs}
+    params_path = data_repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["backprop"]["epochs"] = 10_000                            # cannot finish before the signal
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    client = MlflowClient(tracking_uri=f"sqlite:///{data_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("part1-backprop")
+    known = {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
+    process = None
+    try:
+        process = subprocess.Popen(["bash", "-c", f'trap "" INT; exec "{sys.executable}" -m stages.backprop'],
+                                   cwd=data_repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        new = []
+        while not new and time.time() < deadline and process.poll() is None:   # wait until training runs
+            time.sleep(0.5)
+            new = [r for r in client.search_runs([experiment.experiment_id])
+                   if r.info.run_id not in known and "val_accuracy" in r.data.metrics]
+        assert new, process.communicate()
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        params_path.write_text(original)
+        if process is not None and process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and "interrupted" in stderr, stderr
+    assert {o: (data_repo / o).read_bytes() for o in outputs} == before
+    assert client.get_run(new[0].info.run_id).info.status == "KILLED"
+    assert _leftovers(data_repo) == []
+
+
+def test_make_works_in_a_folder_whose_path_has_a_space(tmp_path):
+    repo = make_repo_copy(tmp_path / "dir with space")
+    (repo / ".venv").symlink_to(Path(VENV_BIN).parent)
+    # -o: treat the venv stamp as up to date (never reinstall the shared venv from a test)
+    result = subprocess.run(["make", "-o", ".venv/.installed", "params"], cwd=repo, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

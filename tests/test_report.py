@@ -17,6 +17,29 @@ CNN_RUNS = [*PARAMS["cnn"]["experiments"], *PARAMS["cnn"]["ablations"]]
 ARTIFACTS = REPO / "test-artifacts"
 
 
+OUR_COLUMNS = ("our MSE", "our MAE", "our AUC", "our ACC", "MSE", "MAE")
+
+
+def table_rows(markdown_text: str) -> list[tuple[str, dict[str, str]]]:
+    """Every data row of every markdown table: (first cell, {header: stripped cell})."""
+    rows, header = [], None
+    for line in markdown_text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set(line) <= set("|-: "):
+            rows.append((cells[0], dict(zip(header, cells))))
+    return rows
+
+
+def test_the_table_check_sees_a_missing_value():
+    table = "| run | our AUC | our ACC |\n|---|---|---|\n| a | 0.910 | n/a |\n"
+    assert ("a", "our ACC", "n/a") in [(r[0], k, v) for r in table_rows(table) for k, v in r[1].items()]
+
+
 def test_report_has_every_section_row_and_figure(pipeline_repo):
     text = (pipeline_repo / "reports/report.md").read_text()
     for heading in ("## Part 1", "## Part 2", "### Table 1", "### Table 2", "## Part 3", "### Table 3",
@@ -28,8 +51,9 @@ def test_report_has_every_section_row_and_figure(pipeline_repo):
         assert re.search(rf"^\| mlp@{re.escape(variant)} ", text, re.M), variant
     for name in CNN_RUNS:
         assert re.search(rf"^\| {name} ⚠ synthetic \|", text, re.M), name
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "MLflow" not in line]
-    assert all("n/a" not in row.split("|")[3:5] for row in rows)
+    ours = [(row[0], key, value) for row in table_rows(text) for key, value in row[1].items() if key in OUR_COLUMNS]
+    assert len(ours) >= 2 * (len(MLP_VARIANTS) + len(CNN_RUNS))
+    assert [cell for cell in ours if cell[2] == "n/a"] == []
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(images) >= 3 + len(MLP_VARIANTS) + 3 * 5 + 1 + len(CNN_RUNS)
     for image in images:
@@ -102,3 +126,15 @@ def test_missing_metrics_allowed_by_param_build_a_partial_report(report_workspac
     text = (report_workspace / "reports/report.md").read_text()
     assert "Missing results" in text and "metrics/cnn/hflip.json" in text
     assert (report_workspace / "reports/report.html").exists()
+
+
+def test_run_references_are_links_when_the_ui_address_is_known(monkeypatch):
+    from pipeline.report.build import Report
+
+    run_ = {"run_id": "a" * 32, "ui_path": f"#/experiments/1/runs/{'a' * 32}", "tracking_uri": "sqlite:////x/mlflow.db"}
+    monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
+    assert Report.run_link(run_) == f"`aaaaaaaa` (`#/experiments/1/runs/{'a' * 32}`)"
+    assert Report.run_link({**run_, "tracking_uri": "https://***@mlflow.lab:5000"}) == \
+        f"[`aaaaaaaa`](https://mlflow.lab:5000/#/experiments/1/runs/{'a' * 32})"
+    monkeypatch.setenv("MLFLOW_UI_URL", "http://127.0.0.1:5000/")
+    assert Report.run_link(run_) == f"[`aaaaaaaa`](http://127.0.0.1:5000/#/experiments/1/runs/{'a' * 32})"

@@ -1,11 +1,16 @@
 """Tracking against a real MLflow server, and a stage's behaviour when the server is down."""
 
+import itertools
 import json
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -72,6 +77,58 @@ def test_stage_logs_to_a_real_mlflow_server(backprop_repo, mlflow_server):
     assert info["run_id"] == run_.info.run_id and info["tracking_uri"] == mlflow_server
 
 
+@pytest.fixture
+def flaky_server(mlflow_server):
+    """The real server behind a proxy that answers every other request with 503 (a server under load)."""
+    counter, failed = itertools.count(), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if next(counter) % 2 == 0:
+                failed.append(self.path)
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "content-length")}
+            request = urllib.request.Request(mlflow_server + self.path, data=body if body else None,
+                                             method=self.command, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    status, reply_headers, data = response.status, response.headers, response.read()
+            except urllib.error.HTTPError as error:
+                status, reply_headers, data = error.code, error.headers, error.read()
+            self.send_response(status)
+            for k, v in reply_headers.items():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        def log_message(self, *args):
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{proxy.server_address[1]}", failed
+    proxy.shutdown()
+
+
+def test_brief_server_errors_are_retried_and_the_run_is_complete(backprop_repo, flaky_server):
+    uri, failed = flaky_server
+    result = run([sys.executable, "-m", "stages.backprop"], backprop_repo, MLFLOW_TRACKING_URI=uri)
+    assert "TRACKING FAILED" not in result.stderr, result.stderr[-3000:]
+    assert len(failed) > 10                                   # the server really did fail, often
+    client = MlflowClient(tracking_uri=uri)
+    (run_,) = client.search_runs([client.get_experiment_by_name("part1-backprop").experiment_id])
+    assert run_.info.status == "FINISHED" and "test_accuracy" in run_.data.metrics
+    assert [a.path for a in client.list_artifacts(run_.info.run_id, "figures")] == ["figures/loss.png"]
+
+
 def test_server_down_stage_still_finishes_and_says_so(backprop_repo):
     dead = f"http://127.0.0.1:{free_port()}"     # nothing listens there
     started = time.time()
@@ -93,4 +150,6 @@ def test_store_path_is_the_outer_repository_for_temporary_experiment_copies(tmp_
 
 def test_credentials_never_reach_written_files():
     assert _redact("https://user:secret@mlflow.example/") == "https://***@mlflow.example/"
+    assert _redact("http://user:p@ss@mlflow.example:5000/x?y=1") == "http://***@mlflow.example:5000/x?y=1"
     assert _redact("sqlite:////x/mlflow.db") == "sqlite:////x/mlflow.db"
+    assert _redact("sqlite:////home/a@b/mlflow.db") == "sqlite:////home/a@b/mlflow.db"   # a path, not a login

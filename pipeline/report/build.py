@@ -10,6 +10,7 @@ import base64
 import csv
 import datetime
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -54,6 +55,12 @@ def _diff(ours, ref, digits=4) -> str:
     return "n/a" if ours is None or ref is None else f"{ours - ref:+.{digits}f}"
 
 
+def ui_address(tracking_uri: str) -> str:
+    """The MLflow UI's address: $MLFLOW_UI_URL, else the tracking server itself when it is one."""
+    ui = os.environ.get("MLFLOW_UI_URL") or (tracking_uri if re.match(r"https?://", tracking_uri) else "")
+    return re.sub(r"//[^/@]*@", "//", ui).rstrip("/")      # never a (redacted) login in a link
+
+
 class Report:
     def __init__(self, params: Params):
         self.params = params
@@ -80,8 +87,12 @@ class Report:
 
     @staticmethod
     def run_link(run: dict) -> str:
+        """A link to the run in the MLflow UI when its address is known, else the run id and UI path."""
         if not run.get("run_id"):
             return "no MLflow run" + (f" ({run['tracking_failed']})" if run.get("tracking_failed") else "")
+        ui = ui_address(run.get("tracking_uri", ""))
+        if ui:
+            return f"[`{run['run_id'][:8]}`]({ui}/{run['ui_path']})"
         return f"`{run['run_id'][:8]}` (`{run['ui_path']}`)"
 
     @staticmethod
