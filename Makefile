@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench browser
+.PHONY: setup repro test bench browser mutate
 
 setup: $(STAMP)
 
@@ -28,3 +28,11 @@ test: setup browser
 
 bench: setup
 	$(BIN)/python -m bench.cnn_throughput
+
+# Mutation testing (slow; not in CI): mutate pipeline/data, models, train and the report's table
+# code, run the fast unit tests (tests/unit) against each mutant, print the kill rate per module.
+# MUTATE=pipeline.train.* limits the run to some mutants (a glob on mutant names).
+mutate: setup
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children $${MUTATE_JOBS:-2} $(MUTATE) || true
+	$(BIN)/python -m bench.mutation_report --survivors
