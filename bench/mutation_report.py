@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
         if not match:
             continue
         status = match["status"].strip()
+        if status == "not checked":   # outside this run's MUTATE filter, or the run was stopped
+            continue
         counts[module_of(match["name"])][status] += 1
         if status != "killed":
             survivors.append(f"{match['name']}: {status}")

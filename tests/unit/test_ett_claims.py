@@ -159,3 +159,14 @@ def test_direction_labels_refuse_a_too_short_series():
     assert len(ett.direction_labels(np.zeros((10, 2)), 0, 6, 4, 0.5, 3)[1]) == 1
     with pytest.raises(DataError, match="too short for window 6 \\+ horizon 4"):
         ett.direction_labels(np.zeros((9, 2)), 0, 6, 4, 0.5, 3)
+
+
+def test_direction_labels_boundaries_and_default_stride():
+    flat = np.ones((20, 2))
+    # delta exactly 0: "up" for K=2 (delta >= 0), "flat" for K=3 even with a zero-width band.
+    assert set(ett.direction_labels(flat, 0, 6, 4, 0.0, 2)[1].tolist()) == {1}
+    assert set(ett.direction_labels(flat, 0, 6, 4, 0.0, 3)[1].tolist()) == {1}
+    series = np.random.default_rng(2).normal(size=(40, 2))
+    default = ett.direction_labels(series, 1, 6, 4, 0.5, 3)
+    one = ett.direction_labels(series, 1, 6, 4, 0.5, 3, stride=1)
+    assert len(default[1]) == 40 - 6 - 4 + 1 and np.array_equal(default[1], one[1])
