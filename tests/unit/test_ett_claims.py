@@ -118,7 +118,8 @@ def test_load_csv_accepts_a_good_file_and_refuses_bad_ones(tmp_path):
     loaded = ett.load_csv(tmp_path / "good.csv")
     assert list(loaded.columns) == ["date", "c0", "c1", "OT"] and len(loaded) == 30
     cases = {
-        "nodate": (good.rename(columns={"date": "time"}), "expected a 'date' column first"),
+        "nodate": (good.rename(columns={"date": "time"}), "expected a 'date' column first.*Delete .*nodate.csv and "
+                   r"re-run `dvc repro download_ett` \(or point DATA_MIRROR at a good copy\)\."),
         "noot": (good.rename(columns={"OT": "target"}), "and an 'OT' column"),
         "text": (good.assign(c0="x"), r"columns \['c0'\] are not numeric"),
         "nan": (good.assign(c1=[np.nan] * 2 + [1.0] * 28), r"2 rows have missing values in \['c1'\]"),

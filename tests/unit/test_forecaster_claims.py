@@ -48,7 +48,7 @@ def _reference(data: ForecastData, cfg: Mlp, seed: int, epochs: int) -> dict:
         order = rng.permutation(n)
         for i in range(0, n, cfg.batch_size):
             rows = np.concatenate([np.arange(w * c, w * c + c) for w in order[i:i + cfg.batch_size]])
-            pred, cache = model.forward(params, data.x_train[rows], K)
+            pred, cache = model.forward(params, data.x_train[rows], K, cfg.window_norm)
             grads = model.backward(params, cache, 2.0 * (pred - data.y_train[rows]) / pred.size)
             norm = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
             if cfg.clip_norm and norm > cfg.clip_norm:
@@ -76,6 +76,7 @@ def _assert_params_equal(a: dict, b: dict):
     {"clip_norm": 1e6},                                   # clipping above the norm: no change
     {"optimizer": "momentum", "momentum": 0.7},
     {"optimizer": "momentum", "momentum": 0.7, "weight_decay": 0.1, "clip_norm": 0.05},
+    {"window_norm": "last"},
 ])
 def test_one_epoch_matches_the_update_formula(options):
     data, cfg = _data(), _cfg(**options)
@@ -243,3 +244,22 @@ def test_initialisation_he_for_seasonal_small_for_trend_zero_biases():
     for k in ("s_b1", "s_b2", "t_b1", "t_b2"):
         assert not params[k].any()
     assert params["s_b1"].shape == (300,) and params["t_b2"].shape == (50,)
+
+
+def test_float32_training_keeps_float32_weights():
+    result = forecaster.fit(_data(), _cfg(dtype="float32"), seed=3)
+    assert all(v.dtype == np.float32 for v in result.params.values())
+    assert all(v.dtype == np.float64 for v in forecaster.fit(_data(), _cfg(), seed=3).params.values())
+
+
+def test_scores_accumulate_in_float64():
+    pred, y = np.array([[0.1]], dtype=np.float32), np.array([[0.0]], dtype=np.float32)
+    assert forecaster.scores(pred, y)["mse"] == float(np.float64(np.float32(0.1)) ** 2)
+
+
+def test_without_a_finite_validation_loss_the_initial_weights_are_returned():
+    data = _data()
+    data.y_val = np.full_like(data.y_val, np.nan)
+    result = forecaster.fit(data, _cfg(epochs=3, patience=2), seed=3)
+    assert result.best_epoch == 0 and len(result.history) == 2
+    _assert_params_equal(result.params, model.init_params(L, H, P, np.random.default_rng(3), np.float64))
