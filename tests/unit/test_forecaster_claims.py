@@ -263,3 +263,17 @@ def test_without_a_finite_validation_loss_the_initial_weights_are_returned():
     result = forecaster.fit(data, _cfg(epochs=3, patience=2), seed=3)
     assert result.best_epoch == 0 and len(result.history) == 2
     _assert_params_equal(result.params, model.init_params(L, H, P, np.random.default_rng(3), np.float64))
+
+
+def test_an_equal_validation_loss_does_not_replace_the_best_epoch():
+    # lr so small that no weight moves: every epoch has the same validation loss.
+    result = forecaster.fit(_data(), _cfg(epochs=10, patience=2, lr=1e-300), seed=3)
+    assert len({r["valid_loss"] for r in result.history}) == 1
+    assert result.best_epoch == 1 and len(result.history) == 3
+
+
+def test_seconds_is_the_time_fit_took():
+    import time
+    start = time.perf_counter()
+    result = forecaster.fit(_data(), _cfg(epochs=2), seed=3)
+    assert 0 < result.seconds <= time.perf_counter() - start
