@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench browser params plots-template
+.PHONY: setup repro test bench browser params plots-template mutate
 
 setup: $(STAMP)
 
@@ -37,3 +37,11 @@ params: setup
 # Rebuild the offline `dvc plots show` template (vega, vega-lite, vega-embed inlined) from npm.
 plots-template: setup
 	"$(BIN)/python" vega/build_template.py
+
+# Mutation testing (slow; not in CI): mutate pipeline/data, models, train and the report's table
+# code, run the fast unit tests (tests/unit) against each mutant, print the kill rate per module.
+# MUTATE=pipeline.train.* limits the run to some mutants (a glob on mutant names).
+mutate: setup
+	rm -rf mutants
+	"$(BIN)/mutmut" run --max-children $${MUTATE_JOBS:-2} $(MUTATE) || true
+	"$(BIN)/python" -m bench.mutation_report --survivors
