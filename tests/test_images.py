@@ -154,8 +154,8 @@ def local_weights(tmp_path_factory, local_densenet_weights):
     return {"resnet18": path, "densenet121": local_densenet_weights}
 
 
-@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
-@pytest.mark.parametrize("pretrained", [False, True], ids=["scratch", "finetune"])
+@pytest.mark.parametrize("name, pretrained", [("resnet18", False), ("densenet121", False), ("densenet121", True)],
+                         ids=["resnet18", "densenet121", "finetune"])   # the three models of the cnn stage
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_model_trains_one_step_on_every_task(name, pretrained, channels, local_weights):
     torch.manual_seed(0)
