@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from pipeline import figures, params as P
-from pipeline.data import pathmnist
+from pipeline.data import images
 from pipeline.models import cnn
-from pipeline.paths import MODELS, pathmnist_npz
+from pipeline.paths import MODELS, images_npz
 from pipeline.errors import StageError
 from pipeline.runtime import run_stage
 from pipeline.train.augment import to_input
@@ -30,23 +30,28 @@ def feature_maps(model: torch.nn.Module, image: torch.Tensor) -> dict[str, torch
 
 def main(argv):
     params = P.load()
-    data = pathmnist.load(pathmnist_npz(params.data.images.size))
+    data = images.load(images_npz(params.data.images.name, params.data.images.size))
     index, channel = params.features.image_index, params.features.channel
     if not 0 <= index < len(data.labels["test"]):
         raise StageError(f"features.image_index {index} is outside the {len(data.labels['test'])} test images")
-    model = cnn.build("resnet18", data.n_classes)
+    model = cnn.build("resnet18", data.n_classes, in_channels=data.channels)
     model.load_state_dict(torch.load(MODELS / "cnn" / "resnet18.pt", map_location="cpu", weights_only=True))
     model.eval()
-    image = to_input(torch.from_numpy(data.images["test"][index:index + 1]).permute(0, 3, 1, 2))
+    # The input as the resnet18 experiment saw it: normalised, and enlarged when it asked for that.
+    size = cnn.check_image_size("resnet18", data.size, params.cnn_experiment("resnet18").upsample_to)
+    image = cnn.resize_batch(to_input(torch.from_numpy(data.images["test"][index:index + 1]).permute(0, 3, 1, 2)), size)
     maps = feature_maps(model, image)
     if channel >= min(m.shape[1] for m in maps.values()):
         raise StageError(f"features.channel {channel} is beyond the stem's {maps['stem'].shape[1]} channels")
-    panels = [("input", data.images["test"][index])]
+    shown = data.images["test"][index]
+    panels = [("input", shown[..., 0] if data.channels == 1 else shown)]
     panels += [(f"{name}: {m.shape[2]}×{m.shape[3]}, {m.shape[1]} channels (#{channel})", m[0, channel].numpy())
                for name, m in maps.items()]
-    source = "synthetic" if data.source == "synthetic" else "PathMNIST"
-    figures.panels(panels, f"ResNet-18 feature maps, test image {index} ({source}, label "
-                           f"{data.labels['test'][index]})", Path("figures/features/feature_maps.png"))
+    label = data.labels["test"][index]
+    label = f"labels {np.flatnonzero(label).tolist()}" if data.multi_label else f"label {int(label[0])}"
+    source = f"{data.title} {data.size}px" + (", synthetic" if data.source == "synthetic" else "")
+    figures.panels(panels, f"ResNet-18 feature maps, test image {index} ({source}, {label})",
+                   Path("figures/features/feature_maps.png"))
     print("figures/features/feature_maps.png: " + ", ".join(f"{n} {tuple(m.shape[1:])}" for n, m in maps.items()))
 
 

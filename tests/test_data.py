@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import SHARED_DATA, make_repo_copy, run, small_params
-from pipeline.data import ett, pathmnist
+from pipeline.data import ett
 from pipeline.data.fetch import fetch
 from pipeline.errors import DataError
 
@@ -104,28 +104,6 @@ def test_pathmnist_download_offline_names_both_ways_out(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "pathmnist_64.npz" in result.stderr and "synthetic" in result.stderr and "DATA_MIRROR" in result.stderr
     assert not list((repo / "data/raw").glob("*"))
-
-
-def test_synthetic_pathmnist_is_deterministic_and_shaped_like_medmnist(tmp_path):
-    counts = {"train": 27, "val": 18, "test": 18}
-    a, b = pathmnist.synthesize(32, counts, seed=1), pathmnist.synthesize(32, counts, seed=1)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    np.savez(tmp_path / "p.npz", **a)
-    data = pathmnist.load(tmp_path / "p.npz")
-    assert data.source == "synthetic" and data.n_classes == 9 and data.size == 32
-    assert data.images["train"].shape == (27, 32, 32, 3) and data.images["train"].dtype == np.uint8
-    assert a["train_labels"].shape == (27, 1) and np.bincount(data.labels["train"]).tolist() == [3] * 9
-
-
-def test_npz_with_wrong_keys_or_shapes_is_refused(tmp_path):
-    np.savez(tmp_path / "keys.npz", train_images=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(DataError, match="missing keys"):
-        pathmnist.load(tmp_path / "keys.npz")
-    arrays = pathmnist.synthesize(16, {"train": 9, "val": 9, "test": 9}, 0)
-    arrays["val_images"] = arrays["val_images"][..., 0]
-    np.savez(tmp_path / "shape.npz", **arrays)
-    with pytest.raises(DataError, match="val_images has shape"):
-        pathmnist.load(tmp_path / "shape.npz")
 
 
 def test_standard_split_and_windows():

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.data.fetch import file_digest
 from pipeline.errors import StageError
@@ -31,11 +32,31 @@ def _check_name(name: str) -> None:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(CNN_MODELS)}")
 
 
-def check_image_size(name: str, size: int) -> None:
+def check_image_size(name: str, size: int, upsample_to: int = 0) -> int:
+    """The size the network will see: `size`, or `upsample_to` when given; refuses one below the
+    model's minimum, naming both ways out."""
     _check_name(name)
+    if upsample_to:
+        if upsample_to < size:
+            raise ModelError(f"cnn upsample_to {upsample_to} is smaller than the images ({size} px); it only "
+                             "enlarges: set it to 0 or to at least the image size")
+        if upsample_to < MIN_SIZE[name]:
+            raise ModelError(f"{name} needs images of at least {MIN_SIZE[name]} px; cnn upsample_to "
+                             f"{upsample_to} is below that")
+        return upsample_to
     if size < MIN_SIZE[name]:
         raise ModelError(f"{name} needs images of at least {MIN_SIZE[name]} px, the data has {size} px; "
-                         "use a larger data.images.size")
+                         f"use a larger data.images.size, or let the device enlarge each batch with "
+                         f"`-S cnn.defaults.upsample_to={MIN_SIZE[name]}`")
+    return size
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A float NCHW batch resized on the device to size x size (bilinear, no antialiasing: it only
+    enlarges). A batch already at that size is returned as is."""
+    if size == x.shape[-1] and size == x.shape[-2]:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
 def _imagenet_state_dict(name: str, weights_file: str, weights_sha256: str) -> dict:
@@ -66,9 +87,12 @@ def _imagenet_state_dict(name: str, weights_file: str, weights_sha256: str) -> d
 
 
 def build(name: str, n_classes: int, pretrained: bool = False, weights_file: str = "",
-          weights_sha256: str = "") -> nn.Module:
-    """A torchvision model with a fresh `n_classes` head; ImageNet weights for the body if asked."""
+          weights_sha256: str = "", in_channels: int = 3) -> nn.Module:
+    """A torchvision model with a fresh `n_classes` head, for `in_channels` (1 or 3) input channels;
+    ImageNet weights for the body if asked."""
     _check_name(name)
+    if in_channels not in (1, 3):
+        raise ModelError(f"images have {in_channels} channels; the models take 1 (grayscale) or 3 (RGB)")
     model = getattr(torchvision.models, name)(weights=None)
     if pretrained:
         state = {(_OLD_DENSENET_KEY.sub(r"\1\2", k)): v for k, v in
@@ -77,11 +101,30 @@ def build(name: str, n_classes: int, pretrained: bool = False, weights_file: str
         if missing or unexpected:
             raise ModelError(f"weights do not fit torchvision's {name}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+    if in_channels != 3:
+        _grayscale_stem(model, name, pretrained)
     if name == "resnet18":
         model.fc = nn.Linear(model.fc.in_features, n_classes)
     else:
         model.classifier = nn.Linear(model.classifier.in_features, n_classes)
     return model
+
+
+def _grayscale_stem(model: nn.Module, name: str, pretrained: bool) -> None:
+    """Make the first convolution take 1 channel. With ImageNet weights its kernel is the sum of the
+    pretrained RGB kernels over the colour axis (the standard adaptation, as timm's `adapt_input_conv`
+    does): a grey image x, seen as RGB (x, x, x), gives exactly the response it gave before, so the
+    pretrained features carry over. From scratch it is initialised as torchvision initialises every
+    convolution of these models (Kaiming normal, fan-out)."""
+    parent, attr = (model, "conv1") if name == "resnet18" else (model.features, "conv0")
+    old = getattr(parent, attr)
+    new = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+    with torch.no_grad():
+        if pretrained:
+            new.weight.copy_(old.weight.sum(dim=1, keepdim=True))
+        else:
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    setattr(parent, attr, new)
 
 
 def head(model: nn.Module) -> nn.Linear:
