@@ -112,9 +112,11 @@ EXP_SHOW_FIXED = ["Experiment", "rev", "typ", "Created", "parent", "State", "Exe
 
 def _metric_columns(repo) -> list[str]:
     header = next(csv.reader(io.StringIO(dvc(repo, "exp", "show", "--csv", "--no-pager").stdout)))
-    assert header[:len(EXP_SHOW_FIXED)] == EXP_SHOW_FIXED, header
-    # Metrics come first, then params (dotted keys), then deps (paths).
-    return list(itertools.takewhile(lambda c: "." not in c and "/" not in c, header[len(EXP_SHOW_FIXED):]))
+    assert header[0] == "Experiment", header
+    # After the fixed columns (the CSV leaves out empty ones) come the metrics, then the params
+    # (dotted keys), then the deps (paths).
+    columns = [c for c in header if c not in EXP_SHOW_FIXED]
+    return list(itertools.takewhile(lambda c: "." not in c and "/" not in c, columns))
 
 
 def _results(repo, *names) -> dict:
