@@ -1,7 +1,10 @@
 """Stage for every CNN experiment (resnet18, densenet121, finetune, ablation@<name>): train with
 the shared loop, keep the best-validation model, evaluate it once on the test split."""
 
+from __future__ import annotations
+
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,17 +13,32 @@ from sklearn.metrics import confusion_matrix
 from pipeline import figures, params as P
 from pipeline.data import pathmnist
 from pipeline.models import cnn
-from pipeline.paths import METRICS, MODELS, pathmnist_npz
+from pipeline.paths import METRICS, MODELS, main_repo_root, pathmnist_npz
 from pipeline.runtime import run_stage, seed_everything
 from pipeline.outputs import write_csv, write_json
 from pipeline.tracking import Tracker
 from pipeline.train import cnn_loop
+
+# Besides the loop and augmentations: the code a checkpoint's training depends on.
+CODE_FILES = (__file__, cnn.__file__, pathmnist.__file__)
+
+
+def checkpoint_dir(name: str) -> Path:
+    """Epoch checkpoints: outside DVC's view (a DVC output would stop the run-cache from restoring
+    the stage), git-ignored, and in the user's repository also for `dvc exp run --temp/--queue`,
+    whose temporary copies are deleted with whatever they hold."""
+    return main_repo_root() / ".dvc" / "tmp" / "checkpoints" / name
 
 
 def main(argv):
     (name,) = argv
     params = P.load()
     cfg = params.cnn_experiment(name)
+    with cnn_loop.out_of_memory_advice(cfg):   # anywhere: moving the splits, training, testing
+        run(name, params, cfg)
+
+
+def run(name: str, params: P.Params, cfg: P.Cnn) -> None:
     data = pathmnist.load(pathmnist_npz(params.data.images.size))
     seed_everything(params.base.seed)   # before the model: its initial weights come from the seed
     cnn.check_image_size(cfg.model, data.size)
@@ -34,13 +52,15 @@ def main(argv):
                         "n_train": len(data.labels["train"]), **asdict(cfg)})
         splits = cnn_loop.to_device(data, device)
         result = cnn_loop.train(model, splits, cfg, params.base.seed, tracker.metrics,
-                                checkpoint=MODELS / "checkpoints" / f"{name}.pt", data_source=data.source)
+                                checkpoint_dir=checkpoint_dir(name), data_source=data.source,
+                                code_files=CODE_FILES)
         test, scores = cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)
-        metrics = {"test_auc": test["auc"], "test_acc": test["acc"], "best_val_auc": result.best_val["auc"],
-                   "best_val_acc": result.best_val["acc"], "best_epoch": result.best_epoch}
+        metrics = {"test_auc": test["auc"], "test_acc": test["acc"]}   # the headline
+        details = {"best_val_auc": result.best_val["auc"], "best_val_acc": result.best_val["acc"],
+                   "best_epoch": result.best_epoch}
         timing = {"train_seconds": round(result.train_seconds, 2),
                   "images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1)}
-        tracker.metrics({**metrics, **timing})
+        tracker.metrics({**metrics, **details, **timing})
 
         matrix = confusion_matrix(data.labels["test"], scores.argmax(axis=1), labels=range(data.n_classes))
         fig_path = figures.confusion(matrix, f"{name}: test confusion matrix", f"figures/cnn/{name}/confusion.png")
@@ -57,7 +77,10 @@ def main(argv):
               [{"actual": int(a), "predicted": int(p)} for a, p in zip(data.labels["test"], scores.argmax(axis=1))])
     write_json(METRICS / "cnn" / f"{name}.run.json", {**tracker.run_info(), "device": device_name})
     write_json(METRICS / "cnn" / f"{name}.timing.json", timing)   # apart: the results stay bit-identical
+    write_json(METRICS / "cnn" / f"{name}.details.json", details)
     write_json(METRICS / "cnn" / f"{name}.json", metrics)
+    if result.checkpoint is not None:   # finished: nothing to resume, and no stale state for later code
+        result.checkpoint.unlink(missing_ok=True)
     print(f"{name}: test AUC {test['auc']:.4f} ACC {test['acc']:.4f} (best epoch {result.best_epoch}, "
           f"{timing['images_per_second']:.0f} images/s on {device_name}, data {source})")
 

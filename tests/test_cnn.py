@@ -3,6 +3,7 @@ resume and error paths."""
 
 import hashlib
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,34 @@ def test_rotation_by_zero_is_the_identity_and_by_90_degrees_a_rot90():
     quarter = augment.rotate_by(x, torch.full((len(x),), np.pi / 2))
     assert torch.allclose(quarter, torch.rot90(x, k=1, dims=(2, 3)), atol=1e-4) or \
         torch.allclose(quarter, torch.rot90(x, k=-1, dims=(2, 3)), atol=1e-4)
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_quarter_turn_is_a_rot90_in_both_modes(interpolation):
+    x = _images()
+    quarter = augment.rotate_by(x, torch.full((len(x),), np.pi / 2), interpolation)
+    assert torch.allclose(quarter, torch.rot90(x, k=1, dims=(2, 3)), atol=1e-4) or \
+        torch.allclose(quarter, torch.rot90(x, k=-1, dims=(2, 3)), atol=1e-4)
+
+
+def test_nearest_rotation_keeps_the_input_pixel_values_and_bilinear_interpolates():
+    # Real inputs: uint8 pixels normalised to [-1, 1]; the fill outside the image is black (-1).
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x = augment.to_input(pixels)
+    angles = torch.full((len(x),), np.radians(30.0))
+    allowed = torch.cat([x.flatten(), torch.tensor([-1.0])])
+    nearest = augment.rotate_by(x, angles, "nearest")
+    bilinear = augment.rotate_by(x, angles, "bilinear")
+    assert torch.isin(nearest.flatten(), allowed).all()      # exactly the input's values (or the fill)
+    assert not torch.isin(bilinear.flatten(), allowed).all()   # blends of neighbours
+    assert (nearest == -1).any()                               # the corners are filled with black
+    # The default (torchvision's RandomRotation and the params default) is nearest.
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(augment.apply(x, ["rotation"], 30.0, g), augment.apply(
+        x, ["rotation"], 30.0, torch.Generator().manual_seed(5), "nearest"))
+    assert Cnn().rotation_interpolation == "nearest"
+    with pytest.raises(ValueError, match="choose from nearest, bilinear"):
+        augment.rotate_by(x, angles, "bicubic")
 
 
 def test_augmentations_keep_shape_dtype_and_are_seeded():
@@ -100,6 +129,75 @@ def test_resnet18_learns_an_easy_synthetic_set_on_cpu():
     assert result.best_val["auc"] > 0.8 and result.curve[-1]["step"] == 3 * (720 // 32 + 1)
 
 
+def test_evaluation_changes_neither_the_mode_nor_the_weights():
+    data = _dataset(32)
+    split = cnn_loop.to_device(data, torch.device("cpu"))["val"]
+    model = cnn.build("resnet18", 9)
+    for training in (True, False):
+        model.train(training)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        cnn_loop.evaluate(model, split, 64)
+        assert model.training is training
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # incl. BN statistics
+
+
+def test_splits_kept_in_host_memory_score_like_splits_on_the_device():
+    data = _dataset(64)
+    cfg = Cnn(model="resnet18", epochs=1, batch_size=32, log_every=1, eval_batch_size=40, augment=["hflip"])
+    results = []
+    for keep_on_host in (False, True):
+        splits = cnn_loop.to_device(data, torch.device("cpu"), keep_on_host=keep_on_host)
+        assert all(s.on_host is keep_on_host for s in splits.values())
+        torch.manual_seed(0)
+        model = cnn.build("resnet18", 9)
+        result = cnn_loop.train(model, splits, cfg, seed=0, log=lambda m, s: None)
+        test, scores = cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)
+        results.append((result.curve, test, scores))
+    (curve_a, test_a, scores_a), (curve_b, test_b, scores_b) = results
+    assert curve_a == curve_b and test_a == test_b and np.array_equal(scores_a, scores_b)
+
+
+def test_checkpoint_fingerprint_covers_code_and_device(tmp_path):
+    data = _dataset(32)
+    cfg = Cnn(model="resnet18")
+    splits = cnn_loop.to_device(data, torch.device("cpu"))
+    code = tmp_path / "stage.py"
+    code.write_text("x = 1\n")
+    key = cnn_loop.fingerprint(cfg, 0, splits, "synthetic", [code])
+    assert cnn_loop.fingerprint(cfg, 0, splits, "synthetic", [code]) == key
+    code.write_text("x = 2\n")
+    assert cnn_loop.fingerprint(cfg, 0, splits, "synthetic", [code]) != key
+    code.write_text("x = 1\n")
+    on_cuda = {s: replace(split, device=torch.device("cuda")) for s, split in splits.items()}   # no CUDA call
+    assert cnn_loop.fingerprint(cfg, 0, on_cuda, "synthetic", [code]) != key
+    assert cnn_loop.fingerprint(replace(cfg, rotation_interpolation="bilinear"), 0, splits, "synthetic",
+                                [code]) != key
+    # The loop's own files are always covered.
+    assert {p.name for p in cnn_loop.LOOP_SOURCES} == {"cnn_loop.py", "augment.py"}
+
+
+def test_changed_code_does_not_resume_an_old_checkpoint_and_a_final_one_keeps_the_full_curve(tmp_path):
+    data = _dataset(96)   # 3 steps per epoch at batch 32: the curve ends with a row after the last log
+    cfg = Cnn(model="resnet18", epochs=1, batch_size=32, log_every=2, eval_batch_size=256)
+    code = tmp_path / "stage.py"
+    code.write_text("x = 1\n")
+
+    def run(cfg):
+        torch.manual_seed(0)
+        model = cnn.build("resnet18", 9)
+        return cnn_loop.train(model, cnn_loop.to_device(data, torch.device("cpu")), cfg, seed=0,
+                              log=lambda m, s: None, checkpoint_dir=tmp_path / "ckpt", code_files=[code])
+
+    first = run(cfg)
+    assert first.checkpoint.exists() and [r["step"] for r in first.curve] == [2, 3]
+    resumed = run(replace(cfg, resume=True))            # from the final checkpoint: nothing left to train
+    assert resumed.resumed_from == 1 and resumed.curve == first.curve and resumed.best_val == first.best_val
+    code.write_text("x = 2\n")                          # e.g. a fixed augment.py
+    fresh = run(replace(cfg, resume=True))
+    assert fresh.resumed_from == 0 and fresh.checkpoint != first.checkpoint
+    assert fresh.curve == first.curve                    # trained again, same result
+
+
 def test_resumed_run_ends_with_the_same_metrics(tmp_path):
     data = _dataset(96)   # 3 steps per epoch at batch 32
     cfg = Cnn(model="resnet18", epochs=2, batch_size=32, log_every=2, eval_batch_size=256, augment=["hflip"])
@@ -108,35 +206,49 @@ def test_resumed_run_ends_with_the_same_metrics(tmp_path):
     def run(cfg, checkpoint, log=lambda m, s: None):
         torch.manual_seed(0)
         model = cnn.build("resnet18", 9)
-        result = cnn_loop.train(model, cnn_loop.to_device(data, device), cfg, seed=0, log=log, checkpoint=checkpoint)
+        result = cnn_loop.train(model, cnn_loop.to_device(data, device), cfg, seed=0, log=log,
+                                checkpoint_dir=checkpoint)
         return result, cnn_loop.evaluate(model, cnn_loop.to_device(data, device)["test"], 256)[0]
 
-    straight, straight_test = run(cfg, tmp_path / "a.pt")
+    straight, straight_test = run(cfg, tmp_path / "a")
 
     def interrupt_in_epoch_2(metrics, step):
         if step > 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "b.pt", interrupt_in_epoch_2)
-    resumed, resumed_test = run(replace(cfg, resume=True), tmp_path / "b.pt")
+        run(cfg, tmp_path / "b", interrupt_in_epoch_2)
+    resumed, resumed_test = run(replace(cfg, resume=True), tmp_path / "b")
     assert resumed.resumed_from == 1
     assert resumed_test == straight_test
     assert resumed.best_val == straight.best_val
     assert [r["train_loss"] for r in resumed.curve] == [r["train_loss"] for r in straight.curve]
 
 
-def test_cuda_out_of_memory_names_the_batch_size(monkeypatch):
+def test_cuda_out_of_memory_anywhere_in_the_stage_names_the_batch_sizes(monkeypatch):
     data = _dataset(64)
+    cfg = Cnn(batch_size=32, eval_batch_size=100, epochs=1)
     model = cnn.build("resnet18", 9)
 
     def boom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
+    advice = "cnn.batch_size=32 and cnn.eval_batch_size=100.*cnn.defaults.batch_size=16"
+    with pytest.raises(StageError, match=advice):   # moving the splits to the device
+        with cnn_loop.out_of_memory_advice(cfg):
+            monkeypatch.setattr(torch.Tensor, "to", boom)
+            cnn_loop.to_device(data, torch.device("cpu"))
+    monkeypatch.undo()
+    splits = cnn_loop.to_device(data, torch.device("cpu"))
     monkeypatch.setattr(model, "forward", boom)
-    with pytest.raises(StageError, match="cnn.batch_size=32.*cnn.defaults.batch_size=16"):
-        cnn_loop.train(model, cnn_loop.to_device(data, torch.device("cpu")), Cnn(batch_size=32, epochs=1), 0,
-                       lambda m, s: None)
+    with pytest.raises(StageError, match=advice):   # training
+        with cnn_loop.out_of_memory_advice(cfg):
+            cnn_loop.train(model, splits, cfg, 0, lambda m, s: None)
+    with pytest.raises(StageError, match=advice):   # the final test evaluation
+        with cnn_loop.out_of_memory_advice(cfg):
+            cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)
+    stage_source = Path(__file__).resolve().parent.parent / "stages" / "cnn.py"
+    assert "with cnn_loop.out_of_memory_advice(cfg):" in stage_source.read_text()
 
 
 def test_stage_refuses_images_too_small_for_densenet_before_training(tmp_path):
@@ -148,4 +260,4 @@ def test_stage_refuses_images_too_small_for_densenet_before_training(tmp_path):
     run(["python", "-m", "stages.download_pathmnist"], repo)
     result = run(["python", "-m", "stages.cnn", "densenet121"], repo, check=False)
     assert result.returncode == 2 and "densenet121 needs images of at least 32 px" in result.stderr
-    assert "Traceback" not in result.stderr and not (repo / "models/checkpoints").exists()
+    assert "Traceback" not in result.stderr and not (repo / ".dvc/tmp/checkpoints").exists()

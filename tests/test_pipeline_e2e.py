@@ -1,11 +1,15 @@
 """The whole pipeline through real DVC and real MLflow, on a throw-away copy with small params."""
 
+import csv
+import io
+import itertools
 import json
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import dvc, small_params
+from conftest import dvc, make_repo_copy, small_params
 
 MLP_VARIANTS = list(small_params()["mlp"]["variants"])
 CNN_RUNS = [*small_params()["cnn"]["experiments"], *small_params()["cnn"]["ablations"]]
@@ -24,7 +28,8 @@ def test_every_stage_wrote_its_metrics(pipeline_repo):
         run_info = json.loads((pipeline_repo / f"metrics/cnn/{name}.run.json").read_text())
         assert "synthetic" in run_info["data_source"]
     backprop = json.loads((pipeline_repo / "metrics/backprop.json").read_text())
-    assert max(backprop["fd_max_rel_error"].values()) < 1e-5
+    details = json.loads((pipeline_repo / "metrics/backprop.details.json").read_text())
+    assert backprop["gradcheck_max_rel_error"] == max(details["fd_max_rel_error"].values()) < 1e-5
 
 
 def test_dvc_exp_show_has_every_final_metric(pipeline_repo):
@@ -97,3 +102,60 @@ def test_changing_one_variant_reruns_only_it_and_the_report(pipeline_repo):
         assert stale == {"mlp@lr_div5", "report"}, stale
     finally:
         params_path.write_text(original)
+
+
+# What `dvc exp show` must open on: the numbers compared across experiments.
+HEADLINE = {"test_accuracy", "majority_baseline", "gradcheck_max_rel_error", "test_mse", "test_mae",
+            "test_auc", "test_acc"}
+EXP_SHOW_FIXED = ["Experiment", "rev", "typ", "Created", "parent", "State", "Executor"]
+
+
+def _metric_columns(repo) -> list[str]:
+    header = next(csv.reader(io.StringIO(dvc(repo, "exp", "show", "--csv", "--no-pager").stdout)))
+    assert header[0] == "Experiment", header
+    # After the fixed columns (the CSV leaves out empty ones) come the metrics, then the params
+    # (dotted keys), then the deps (paths).
+    columns = [c for c in header if c not in EXP_SHOW_FIXED]
+    return list(itertools.takewhile(lambda c: "." not in c and "/" not in c, columns))
+
+
+def _results(repo, *names) -> dict:
+    return {n: (repo / n).read_bytes() for n in names}
+
+
+@pytest.mark.slow
+def test_returning_to_a_param_set_restores_from_the_run_cache_and_exp_show_leads_with_the_headline(tmp_path):
+    """A, B, A: the third run is restored by DVC (no training) with the same results, for the MLP
+    and the CNN stage; the epoch checkpoint is gone after each success; `dvc exp show` opens on
+    the headline metrics."""
+    repo = make_repo_copy(tmp_path, small_params())
+    stages = ["backprop", "mlp@default", "cnn@resnet18"]
+    a = ["-S", "mlp.defaults.lr=0.4", "-S", "cnn.defaults.lr=0.002"]
+    b = ["-S", "mlp.defaults.lr=2.0", "-S", "cnn.defaults.lr=0.001"]
+    files = ["metrics/mlp/default.json", "metrics/mlp/default.run.json", "metrics/mlp/curves/default.csv",
+             "metrics/cnn/resnet18.json", "metrics/cnn/resnet18.details.json", "metrics/cnn/resnet18.run.json",
+             "metrics/cnn/curves/resnet18.csv", "models/cnn/resnet18.pt", "models/mlp/default.npz"]
+
+    first = dvc(repo, "exp", "run", *a, *stages, TQDM_DISABLE=1)
+    assert "mlp@default: test MSE" in first.stdout and "resnet18: test AUC" in first.stdout
+    results_a = _results(repo, *files)
+    checkpoints = repo / ".dvc/tmp/checkpoints"
+    assert not list(checkpoints.rglob("*.pt")), "the epoch checkpoint outlived a successful stage"
+
+    columns = _metric_columns(repo)
+    # Headline first: part 1, then each MLP variant's MSE/MAE, then each CNN's AUC/ACC.
+    assert columns[:5] == ["test_accuracy", "majority_baseline", "gradcheck_max_rel_error", "test_mse",
+                           "test_mae"], columns
+    assert columns[-2:] == ["test_auc", "test_acc"], columns
+    assert not {"run_id", "train_seconds", "images_per_second", "best_val_auc", "fd_threshold"} & set(columns)
+
+    second = dvc(repo, "exp", "run", *b, "mlp@default", "cnn@resnet18", TQDM_DISABLE=1)
+    assert "mlp@default: test MSE" in second.stdout and "resnet18: test AUC" in second.stdout
+    assert _results(repo, "metrics/mlp/default.json")["metrics/mlp/default.json"] != results_a["metrics/mlp/default.json"]
+
+    third = dvc(repo, "exp", "run", *a, "mlp@default", "cnn@resnet18", TQDM_DISABLE=1)
+    out = third.stdout + third.stderr
+    assert "Stage 'mlp@default' is cached - skipping run" in out, out
+    assert "Stage 'cnn@resnet18' is cached - skipping run" in out, out
+    assert "test MSE" not in out and "test AUC" not in out        # nothing trained
+    assert _results(repo, *files) == results_a                    # restored: the same bytes

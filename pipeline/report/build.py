@@ -78,7 +78,8 @@ class Report:
         if values is None:
             self.missing.append(str(metrics))
         else:
-            values.update(_read_json(metrics.with_suffix(".timing.json")) or {})
+            for extra in (".details.json", ".timing.json"):   # the stage's non-headline numbers
+                values.update(_read_json(metrics.with_suffix(extra)) or {})
         if run.get("device"):
             self.devices.add(run["device"])
         if "synthetic" in run.get("data_source", ""):

@@ -1,9 +1,10 @@
 """One training loop for every CNN experiment.
 
-The whole split lives on the device as one uint8 tensor; batches are taken by index, normalised
-and augmented on the device; channels_last; bf16 autocast on CUDA; large evaluation batches.
-Metrics are MedMNIST's own (`medmnist.evaluator.getAUC/getACC`). A checkpoint is written after
-every epoch so an interrupted run can resume where it stopped.
+The whole split lives on the device as one uint8 tensor (or, when it does not fit, in pinned host
+memory with batches copied asynchronously); batches are taken by index, normalised and augmented
+on the device; channels_last; bf16 autocast for training on CUDA, fp32 for every evaluation;
+large evaluation batches. Metrics are MedMNIST's own (`medmnist.evaluator.getAUC/getACC`). A
+checkpoint is written after every epoch so an interrupted run can resume where it stopped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -50,18 +52,67 @@ def set_determinism(seed: int, device: torch.device) -> None:
 
 @dataclass
 class DeviceSplit:
-    images: torch.Tensor   # (N, H, W, 3) uint8 on the device
+    images: torch.Tensor   # (N, H, W, 3) uint8 on the device, or in (pinned) host memory if on_host
     labels: torch.Tensor   # (N,) int64 on the device
     labels_np: np.ndarray
+    device: torch.device | None = None   # where the model computes (default: where the images are)
+    on_host: bool = False
+
+    def __post_init__(self):
+        if self.device is None:
+            self.device = self.images.device
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
-        """Float NCHW batch in channels_last memory layout (a permuted view of NHWC)."""
-        return augment.to_input(self.images[index].permute(0, 3, 1, 2))
+        """Float NCHW batch on the device, channels_last memory layout (a permuted view of NHWC)."""
+        if self.on_host:   # gather on the host, copy to the device without blocking the host
+            images = self.images[index.cpu()]
+            if self.device.type == "cuda":
+                images = images.pin_memory()
+            images = images.to(self.device, non_blocking=True)
+        else:
+            images = self.images[index]
+        return augment.to_input(images.permute(0, 3, 1, 2))
 
 
-def to_device(data: PathMnist, device: torch.device) -> dict[str, DeviceSplit]:
-    return {s: DeviceSplit(torch.from_numpy(data.images[s]).to(device), torch.from_numpy(data.labels[s]).to(device),
-                           data.labels[s]) for s in data.images}
+# Share of the device's free memory the image splits may take; the rest is for the model's
+# weights, optimiser state and activations.
+DEVICE_SHARE = 0.5
+
+
+def to_device(data: PathMnist, device: torch.device, keep_on_host: bool | None = None) -> dict[str, DeviceSplit]:
+    """Every split on the device, or (keep_on_host, or by default when the splits would take more
+    than DEVICE_SHARE of the device's free memory) in pinned host memory, batches copied over."""
+    if keep_on_host is None:
+        keep_on_host = device.type == "cuda" and \
+            sum(a.nbytes for a in data.images.values()) > DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+        if keep_on_host:
+            print("the image splits do not fit on the device: kept in pinned host memory, batches copied over")
+    splits = {}
+    for s in data.images:
+        images = torch.from_numpy(data.images[s])
+        if not keep_on_host:
+            images = images.to(device)
+        elif device.type == "cuda":
+            images = images.pin_memory()
+        splits[s] = DeviceSplit(images, torch.from_numpy(data.labels[s]).to(device), data.labels[s], device,
+                                keep_on_host)
+    return splits
+
+
+def out_of_memory_message(cfg: Cnn) -> str:
+    return (f"CUDA out of memory with cnn.batch_size={cfg.batch_size} and cnn.eval_batch_size={cfg.eval_batch_size}; "
+            f"try smaller values, e.g. `dvc exp run -S cnn.defaults.batch_size={max(1, cfg.batch_size // 2)}` "
+            f"or `-S cnn.defaults.eval_batch_size={max(1, cfg.eval_batch_size // 2)}`")
+
+
+@contextmanager
+def out_of_memory_advice(cfg: Cnn):
+    """Turn a CUDA out-of-memory error anywhere inside (moving the data, training, evaluating)
+    into a StageError that names the params to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise StageError(out_of_memory_message(cfg)) from None
 
 
 def _autocast(device: torch.device):
@@ -70,15 +121,14 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split: DeviceSplit, batch_size: int) -> np.ndarray:
-    """Softmax scores (N, classes) as float32 numpy."""
+    """Softmax scores (N, classes) as float32 numpy, computed in fp32 (no autocast: bf16 logits
+    would quantise the scores into AUC ties and could change the selected epoch)."""
     was_training = model.training
     model.eval()
-    device = split.images.device
     scores = []
     for i in range(0, len(split.labels), batch_size):
-        index = torch.arange(i, min(i + batch_size, len(split.labels)), device=device)
-        with _autocast(device):
-            logits = model(split.batch(index))
+        index = torch.arange(i, min(i + batch_size, len(split.labels)), device=split.device)
+        logits = model(split.batch(index))
         scores.append(torch.softmax(logits.float(), dim=1).cpu())
     model.train(was_training)
     return torch.cat(scores).numpy()
@@ -116,20 +166,44 @@ class TrainResult:
     train_seconds: float = 0.0
     images_seen: int = 0
     resumed_from: int = 0
+    checkpoint: Path | None = None   # this run's epoch checkpoint (the caller removes it on success)
 
 
-def fingerprint(cfg: Cnn, seed: int, splits: dict[str, DeviceSplit], data_source: str) -> str:
-    """What a checkpoint must match to be resumed: the training config, seed and data."""
+# The code a checkpoint's training depends on (callers add their own files, e.g. the stage script
+# and the model factory): a change to any of them makes an old checkpoint unusable.
+LOOP_SOURCES = (Path(__file__), Path(augment.__file__))
+
+
+def source_digest(files) -> str:
+    digest = hashlib.sha256()
+    for path in sorted({Path(f).resolve() for f in files}):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def fingerprint(cfg: Cnn, seed: int, splits: dict[str, DeviceSplit], data_source: str,
+                code_files=()) -> str:
+    """What a checkpoint must match to be resumed: the training config, seed, data, device type
+    and the source code of the loop, the augmentations and the caller's `code_files`."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "eval_batch_size", "log_every")}
     shapes = {s: list(split.images.shape) for s, split in splits.items()}
-    return hashlib.sha256(json.dumps([relevant, seed, shapes, data_source], sort_keys=True).encode()).hexdigest()
+    device = splits["train"].device.type
+    code = source_digest([*LOOP_SOURCES, *code_files])
+    return hashlib.sha256(json.dumps([relevant, seed, shapes, data_source, device, code],
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed: int,
-          log: Callable[[dict, int], None], checkpoint: Path | None = None, data_source: str = "") -> TrainResult:
-    """Train on `splits` (from `to_device`), keep the best-validation weights in `model`."""
+          log: Callable[[dict, int], None], checkpoint_dir: Path | None = None, data_source: str = "",
+          code_files=()) -> TrainResult:
+    """Train on `splits` (from `to_device`), keep the best-validation weights in `model`.
+
+    With `checkpoint_dir`, a checkpoint named by the run's fingerprint is written there after every
+    epoch, and `cfg.resume` continues from it; the caller deletes it (`result.checkpoint`) once
+    its outputs are written.
+    """
     train_split, val_split = splits["train"], splits["val"]
-    device = train_split.images.device
+    device = train_split.device
     set_determinism(seed, device)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -139,9 +213,12 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
     steps_per_epoch = -(-n // cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    key = fingerprint(cfg, seed, splits, data_source)
-    result = TrainResult(best_state={}, best_epoch=0, best_val={"auc": -1.0, "acc": -1.0})
+    key = fingerprint(cfg, seed, splits, data_source, code_files)
+    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{key[:16]}.pt"
+    result = TrainResult(best_state={}, best_epoch=0, best_val={"auc": -1.0, "acc": -1.0}, checkpoint=checkpoint)
     start_epoch, step = 1, 0
+    if checkpoint is not None and cfg.resume and not checkpoint.exists():
+        print(f"no checkpoint for this configuration and code ({checkpoint}); starting afresh")
 
     if checkpoint is not None and cfg.resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -153,64 +230,59 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             result = TrainResult(best_state=state["best_state"], best_epoch=state["best_epoch"],
                                  best_val=state["best_val"], curve=state["curve"],
                                  train_seconds=state["train_seconds"], images_seen=state["images_seen"],
-                                 resumed_from=state["epoch"])
+                                 resumed_from=state["epoch"], checkpoint=checkpoint)
             start_epoch, step = state["epoch"] + 1, state["step"]
             print(f"resuming from {checkpoint} after epoch {state['epoch']}")
         else:
             print(f"{checkpoint} is from another configuration; starting afresh")
 
     model.train()
-    running, running_n = 0.0, 0
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            # The logged train loss averages the steps since the last log within this epoch, so a
-            # run resumed at an epoch boundary logs exactly what an uninterrupted run logs.
-            running, running_n = 0.0, 0
-            order = torch.randperm(n, device=device, generator=generator)
-            tick = time.perf_counter()
-            for i in range(steps_per_epoch):
-                index = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                x = augment.apply(train_split.batch(index), cfg.augment, cfg.rotation_degrees, generator)
-                loss = train_step(model, optimizer, x, train_split.labels[index])
-                step += 1
-                result.images_seen += len(index)
-                running += loss.detach()
-                running_n += 1
-                if step % cfg.log_every == 0:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    result.train_seconds += time.perf_counter() - tick
-                    val, _ = evaluate(model, val_split, cfg.eval_batch_size)
-                    row = {"step": step, "epoch": epoch, "train_loss": float(running) / running_n,
-                           "val_auc": val["auc"], "val_acc": val["acc"]}
-                    result.curve.append(row)
-                    log({"train_loss": row["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"]}, step)
-                    running, running_n = 0.0, 0
-                    tick = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            result.train_seconds += time.perf_counter() - tick
-            scheduler.step()
-            val, _ = evaluate(model, val_split, cfg.eval_batch_size)
-            log({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"]}, step)
-            if val[cfg.select_by] > result.best_val[cfg.select_by]:
-                result.best_val, result.best_epoch = val, epoch
-                result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, {
-                    "fingerprint": key, "epoch": epoch, "step": step, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(), "best_state": result.best_state,
-                    "best_epoch": result.best_epoch, "best_val": result.best_val, "curve": result.curve,
-                    "train_seconds": result.train_seconds, "images_seen": result.images_seen})
-    except torch.cuda.OutOfMemoryError:
-        raise StageError(f"CUDA out of memory with cnn.batch_size={cfg.batch_size} and "
-                         f"cnn.eval_batch_size={cfg.eval_batch_size}; try smaller values, e.g. "
-                         f"`dvc exp run -S cnn.defaults.batch_size={max(1, cfg.batch_size // 2)}`") from None
-    if running_n:   # end the curve at the last step
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        # The logged train loss averages the steps since the last log within this epoch, so a
+        # run resumed at an epoch boundary logs exactly what an uninterrupted run logs.
+        running, running_n = 0.0, 0
+        order = torch.randperm(n, device=device, generator=generator)
+        tick = time.perf_counter()
+        for i in range(steps_per_epoch):
+            index = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = augment.apply(train_split.batch(index), cfg.augment, cfg.rotation_degrees, generator,
+                              cfg.rotation_interpolation)
+            loss = train_step(model, optimizer, x, train_split.labels[index])
+            step += 1
+            result.images_seen += len(index)
+            running += loss.detach()
+            running_n += 1
+            if step % cfg.log_every == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                result.train_seconds += time.perf_counter() - tick
+                val, _ = evaluate(model, val_split, cfg.eval_batch_size)
+                row = {"step": step, "epoch": epoch, "train_loss": float(running) / running_n,
+                       "val_auc": val["auc"], "val_acc": val["acc"]}
+                result.curve.append(row)
+                log({"train_loss": row["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"]}, step)
+                running, running_n = 0.0, 0
+                tick = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result.train_seconds += time.perf_counter() - tick
+        scheduler.step()
         val, _ = evaluate(model, val_split, cfg.eval_batch_size)
-        result.curve.append({"step": step, "epoch": cfg.epochs, "train_loss": float(running) / running_n,
-                             "val_auc": val["auc"], "val_acc": val["acc"]})
+        log({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"]}, step)
+        if val[cfg.select_by] > result.best_val[cfg.select_by]:
+            result.best_val, result.best_epoch = val, epoch
+            result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if epoch == cfg.epochs and running_n:   # end the curve at the last step (before the last
+            # checkpoint, so a run resumed from it writes the same full curve)
+            result.curve.append({"step": step, "epoch": epoch, "train_loss": float(running) / running_n,
+                                 "val_auc": val["auc"], "val_acc": val["acc"]})
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {
+                "fingerprint": key, "epoch": epoch, "step": step, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(), "best_state": result.best_state,
+                "best_epoch": result.best_epoch, "best_val": result.best_val, "curve": result.curve,
+                "train_seconds": result.train_seconds, "images_seen": result.images_seen})
     model.load_state_dict(result.best_state)
     return result
 
