@@ -10,10 +10,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.outputs import atomic_path  # noqa: E402
+
 
 def save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    path = Path(path)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -67,6 +70,19 @@ def confusion(matrix: np.ndarray, title: str, path) -> Path:
     ax.set(title=title, xlabel="predicted class", ylabel="actual class",
            xticks=range(len(matrix)), yticks=range(len(matrix)))
     fig.colorbar(im, ax=ax, fraction=0.046)
+    return save(fig, Path(path))
+
+
+def per_label(rows: list[dict], title: str, path) -> Path:
+    """Multi-label sets: each label's test AUC and its share of positive images."""
+    labels = [r["label"] for r in rows]
+    auc = [np.nan if r["auc"] is None else r["auc"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(rows)), 3.8))
+    ax.bar(labels, auc, color="tab:blue", label="AUC")
+    ax.plot(labels, [r["positives"] / max(1, r["positives_of"]) for r in rows], "o", color="tab:orange",
+            label="share of positives")
+    ax.set(title=title, xlabel="label", ylim=(0, 1), xticks=labels)
+    ax.legend(fontsize=8)
     return save(fig, Path(path))
 
 

@@ -80,9 +80,9 @@ class ImageData:
         source, key = info.data.get("source"), info.field_name
         if key == "name" and source in ("medmnist", "synthetic") and value not in MEDMNIST_FLAGS:
             raise ValueError(f"{value!r} is not a 2-D MedMNIST flag; choose one of: {', '.join(MEDMNIST_FLAGS)}")
-        if key == "size" and source in ("medmnist", "file") and value not in MEDMNIST_SIZES:
+        if key == "size" and source == "medmnist" and value not in MEDMNIST_SIZES:
             raise ValueError(f"{value} is not a MedMNIST size ({', '.join(map(str, MEDMNIST_SIZES))}); "
-                             "other sizes only with source: synthetic")
+                             "other sizes only with source: file or synthetic")
         if key == "path" and source == "file" and not value:
             raise ValueError("required with source: file (an npz in the MedMNIST layout)")
         return value

@@ -36,7 +36,3 @@ def images_npz(name: str, size: int) -> Path:
     """The image set named by data.images, whatever its source: data/raw/<name>_<size>.npz."""
     return DATA_RAW / f"{name}_{size}.npz"
 
-
-def pathmnist_npz(size: int) -> Path:
-    # Kept only until stages/cnn.py uses images_npz (the same file for the default set); then remove.
-    return images_npz("pathmnist", size)

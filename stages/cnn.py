@@ -1,26 +1,31 @@
 """Stage for every CNN experiment (resnet18, densenet121, finetune, ablation@<name>): train with
-the shared loop, keep the best-validation model, evaluate it once on the test split."""
+the shared loop, keep the best-validation model, evaluate it once on the test split.
+
+With `cnn.devices` > 1 the stage runs itself under torchrun, one process per device (DVC's `cmd`
+stays the same); rank 0 alone logs to MLflow and writes the outputs."""
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix
 
 from pipeline import figures, params as P
-from pipeline.data import pathmnist
+from pipeline.data import images
+from pipeline.errors import StageError
 from pipeline.models import cnn
-from pipeline.paths import METRICS, MODELS, main_repo_root, pathmnist_npz
+from pipeline.outputs import atomic_path, write_csv, write_json
+from pipeline.paths import METRICS, MODELS, images_npz, main_repo_root
 from pipeline.runtime import run_stage, seed_everything
-from pipeline.outputs import write_csv, write_json
 from pipeline.tracking import Tracker
-from pipeline.train import cnn_loop
+from pipeline.train import cnn_loop, distributed, tasks
 
 # Besides the loop and augmentations: the code a checkpoint's training depends on.
-CODE_FILES = (__file__, cnn.__file__, pathmnist.__file__)
+CODE_FILES = (__file__, cnn.__file__, images.__file__, tasks.__file__, distributed.__file__)
 
 
 def checkpoint_dir(name: str) -> Path:
@@ -34,26 +39,46 @@ def main(argv):
     (name,) = argv
     params = P.load()
     cfg = params.cnn_experiment(name)
+    if cfg.devices > 1 and not distributed.under_torchrun():
+        if torch.cuda.is_available() and cfg.devices > torch.cuda.device_count():
+            raise StageError(f"cnn devices={cfg.devices} but this machine has {torch.cuda.device_count()} GPU(s); "
+                             f"set `-S cnn.defaults.devices={torch.cuda.device_count()}`")
+        command = distributed.torchrun_command(cfg.devices, "stages.cnn", argv)
+        print(f"{name}: training on {cfg.devices} processes: {' '.join(command[1:])}", flush=True)
+        os.execv(command[0], command)   # torchrun takes this process over (and its signals)
+    world, device = distributed.init()
     with cnn_loop.out_of_memory_advice(cfg):   # anywhere: moving the splits, training, testing
-        run(name, params, cfg)
+        run(name, params, cfg, world, device or cnn_loop.resolve_device(params.base.device))
+    distributed.teardown(world)
 
 
-def run(name: str, params: P.Params, cfg: P.Cnn) -> None:
-    data = pathmnist.load(pathmnist_npz(params.data.images.size))
+def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, device: torch.device) -> None:
+    spec = params.data.images
+    data = images.load(images_npz(spec.name, spec.size))
     seed_everything(params.base.seed)   # before the model: its initial weights come from the seed
-    cnn.check_image_size(cfg.model, data.size)
-    model = cnn.build(cfg.model, data.n_classes, cfg.pretrained, cfg.weights_file, cfg.weights_sha256)
-    device = cnn_loop.resolve_device(params.base.device)
-    source = f"PathMNIST {data.size}px ({data.source})"
+    size = cnn.check_image_size(cfg.model, data.size, cfg.upsample_to)
+    model = cnn.build(cfg.model, data.n_classes, cfg.pretrained, cfg.weights_file, cfg.weights_sha256,
+                      in_channels=data.channels)
+    source = f"{data.title} {data.size}px ({data.source})"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tracker = Tracker("cnn", name, data_source=source,
+                      extra_tags={"device": device_name, "dataset": data.title, "task": data.task,
+                                  "processes": str(world.size)}) if world.is_main else None
 
-    with Tracker("cnn", name, data_source=source, extra_tags={"device": device_name}) as tracker:
-        tracker.params({"experiment": name, "seed": params.base.seed, "image_size": data.size,
-                        "n_train": len(data.labels["train"]), **asdict(cfg)})
-        splits = cnn_loop.to_device(data, device)
-        result = cnn_loop.train(model, splits, cfg, params.base.seed, tracker.metrics,
+    with tracker or nullcontext():
+        if tracker:
+            tracker.params({"experiment": name, "seed": params.base.seed, "dataset": data.name,
+                            "image_size": data.size, "model_input_size": size, "task": data.task,
+                            "n_train": len(data.labels["train"]), **asdict(cfg)})
+            tracker.dataset(f"{data.name}_{data.size}", str(images_npz(spec.name, spec.size).resolve()),
+                            data.source, {s: len(data.labels[s]) for s in images.SPLITS})
+        splits = cnn_loop.to_device(data, device, size=size if size != data.size else 0)
+        result = cnn_loop.train(model, splits, cfg, params.base.seed,
+                                tracker.metrics if tracker else (lambda metrics, step: None),
                                 checkpoint_dir=checkpoint_dir(name), data_source=data.source,
-                                code_files=CODE_FILES)
+                                code_files=CODE_FILES, world=world)
+        if not world.is_main:
+            return
         test, scores = cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)
         metrics = {"test_auc": test["auc"], "test_acc": test["acc"]}   # the headline
         details = {"best_val_auc": result.best_val["auc"], "best_val_acc": result.best_val["acc"],
@@ -62,19 +87,33 @@ def run(name: str, params: P.Params, cfg: P.Cnn) -> None:
                   "images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1)}
         tracker.metrics({**metrics, **details, **timing})
 
-        matrix = confusion_matrix(data.labels["test"], scores.argmax(axis=1), labels=range(data.n_classes))
-        fig_path = figures.confusion(matrix, f"{name}: test confusion matrix", f"figures/cnn/{name}/confusion.png")
+        summary = tasks.prediction_summary(data.labels["test"], scores, data.task, data.n_classes)
+        if summary["kind"] == "confusion":
+            pairs, title = summary["pairs"], f"{name}: {data.title} test confusion matrix"
+        else:   # multi-label: one 2x2 block per label ("<label>:<0|1>"), and the per-label table
+            pairs, title = _per_label_pairs(data.labels["test"], tasks.predictions(scores, data.task)), \
+                f"{name}: {data.title} per-label test outcomes"
+            details["per_label"] = summary["rows"]
+        if summary["kind"] == "confusion":
+            fig_path = figures.confusion(summary["matrix"], title, f"figures/cnn/{name}/confusion.png")
+        else:
+            fig_path = figures.per_label(summary["rows"], title, f"figures/cnn/{name}/confusion.png")
         tracker.artifact(fig_path, "figures")
         model_path = MODELS / "cnn" / f"{name}.pt"
-        model_path.parent.mkdir(parents=True, exist_ok=True)
+        if world.size > 1:   # the plain torchvision model, without DDP's synchronised BatchNorm
+            plain = cnn.build(cfg.model, data.n_classes, in_channels=data.channels)
+            plain.load_state_dict(model.state_dict())
+            model = plain
         model = model.cpu().to(memory_format=torch.contiguous_format).eval()
-        torch.save(model.state_dict(), model_path)
+        with atomic_path(model_path, suffix=".pt") as tmp:
+            torch.save(model.state_dict(), tmp)
         example = data.images["test"][:2].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+        if size != data.size:
+            example = cnn.resize_batch(torch.from_numpy(example), size).numpy()
         tracker.torch_model(model, example)
 
     write_csv(METRICS / "cnn" / "curves" / f"{name}.csv", result.curve)
-    write_csv(METRICS / "cnn" / "confusion" / f"{name}.csv",
-              [{"actual": int(a), "predicted": int(p)} for a, p in zip(data.labels["test"], scores.argmax(axis=1))])
+    write_csv(METRICS / "cnn" / "confusion" / f"{name}.csv", pairs)
     write_json(METRICS / "cnn" / f"{name}.run.json", {**tracker.run_info(), "device": device_name})
     write_json(METRICS / "cnn" / f"{name}.timing.json", timing)   # apart: the results stay bit-identical
     write_json(METRICS / "cnn" / f"{name}.details.json", details)
@@ -83,6 +122,12 @@ def run(name: str, params: P.Params, cfg: P.Cnn) -> None:
         result.checkpoint.unlink(missing_ok=True)
     print(f"{name}: test AUC {test['auc']:.4f} ACC {test['acc']:.4f} (best epoch {result.best_epoch}, "
           f"{timing['images_per_second']:.0f} images/s on {device_name}, data {source})")
+
+
+def _per_label_pairs(labels: np.ndarray, predicted: np.ndarray) -> list[dict]:
+    """Multi-label outcomes as confusion-plot rows: label k's TN/FP/FN/TP form a 2x2 block."""
+    return [{"actual": f"{k}:{int(a)}", "predicted": f"{k}:{int(p)}"}
+            for row_a, row_p in zip(labels, predicted) for k, (a, p) in enumerate(zip(row_a, row_p))]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ metrics, plot files and figures. Fails when results are missing unless report.al
 from pipeline import params as P
 from pipeline.report.build import OUT, Report, to_html
 from pipeline.errors import StageError
+from pipeline.outputs import write_text
 from pipeline.runtime import run_stage
 from pipeline.tracking import git_commit
 
@@ -16,8 +17,8 @@ def main(argv):
         raise StageError("results are missing: " + ", ".join(report.missing) + ". Run the stages that "
                          "write them (`dvc repro`), or build a partial report with "
                          "`dvc exp run -S report.allow_missing=true report`.")
-    (OUT / "report.md").write_text(text)
-    (OUT / "report.html").write_text(to_html(text, OUT))
+    write_text(OUT / "report.md", text)
+    write_text(OUT / "report.html", to_html(text, OUT))
     print(f"{OUT / 'report.md'} and {OUT / 'report.html'} written"
           + (f"; missing: {', '.join(report.missing)}" if report.missing else ""))
 

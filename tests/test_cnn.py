@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import pathmnist
+from pipeline.data import images
 from pipeline.models import cnn
 from pipeline.params import Cnn
 from pipeline.errors import StageError
@@ -113,9 +113,9 @@ def test_finetune_without_weights_offline_says_exactly_what_to_do(monkeypatch, t
 
 
 def _dataset(n_train, size=32, seed=0):
-    arrays = pathmnist.synthesize(size, {"train": n_train, "val": 90, "test": 90}, seed)
-    return pathmnist.PathMnist({s: arrays[f"{s}_images"] for s in pathmnist.SPLITS},
-                               {s: arrays[f"{s}_labels"].reshape(-1).astype(np.int64) for s in pathmnist.SPLITS},
+    arrays = images.synthesize(size, {"train": n_train, "val": 90, "test": 90}, seed)
+    return images.ImageSet({s: arrays[f"{s}_images"] for s in images.SPLITS},
+                               {s: arrays[f"{s}_labels"].reshape(-1).astype(np.int64) for s in images.SPLITS},
                                9, size, "synthetic")
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import pathmnist
+from pipeline.data import images
 from pipeline.models import cnn
 from pipeline.params import Cnn
 from pipeline.train import cnn_loop
@@ -13,9 +13,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _data():
-    arrays = pathmnist.synthesize(64, {"train": 512, "val": 128, "test": 128}, 0)
-    return pathmnist.PathMnist({s: arrays[f"{s}_images"] for s in pathmnist.SPLITS},
-                               {s: arrays[f"{s}_labels"].reshape(-1).astype(np.int64) for s in pathmnist.SPLITS},
+    arrays = images.synthesize(64, {"train": 512, "val": 128, "test": 128}, 0)
+    return images.ImageSet({s: arrays[f"{s}_images"] for s in images.SPLITS},
+                               {s: arrays[f"{s}_labels"].reshape(-1).astype(np.int64) for s in images.SPLITS},
                                9, 64, "synthetic")
 
 

@@ -223,7 +223,7 @@ def test_download_stage_copies_a_user_file_and_makes_synthetic_multilabel_sets(t
     data = images.load(repo / "data/raw/chestmnist_32.npz")
     assert (data.task, data.channels, data.n_classes, data.source) == (tasks.MULTI_LABEL, 1, 14, "synthetic")
 
-    params["data"]["images"].update(name="digits", source="file", size=28, path="nowhere.npz")
+    params["data"]["images"].update(name="digits", source="file", size=32, path="nowhere.npz")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["python", "-m", "stages.download_pathmnist"], repo, check=False, timeout=300)
     assert result.returncode == 2 and "data.images.path nowhere.npz: no such file" in result.stderr
@@ -253,9 +253,6 @@ def test_resnet18_reaches_095_on_real_digits_from_a_user_file(tmp_path):
     data = images.load(write_digits_npz(tmp_path / "digits_32.npz"), name="digits", task="multi-class", source="file")
     assert (data.channels, data.n_classes, data.size) == (1, 10, 32)
     assert {s: len(y) for s, y in data.labels.items()} == {"train": 1078, "val": 359, "test": 360}
-    # TODO(lead): drop this line once cnn_loop converts stored labels with tasks.targets (it then
-    # also accepts these flattened ones, so the test passes before and after the wiring).
-    data = replace(data, labels={s: y.reshape(-1) for s, y in data.labels.items()})
     cfg = Cnn(model="resnet18", epochs=6, batch_size=64, log_every=1000, eval_batch_size=512)
     device = torch.device("cpu")
     torch.manual_seed(0)

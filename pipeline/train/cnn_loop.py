@@ -3,8 +3,10 @@
 The whole split lives on the device as one uint8 tensor (or, when it does not fit, in pinned host
 memory with batches copied asynchronously); batches are taken by index, normalised and augmented
 on the device; channels_last; bf16 autocast for training on CUDA, fp32 for every evaluation;
-large evaluation batches. Metrics are MedMNIST's own (`medmnist.evaluator.getAUC/getACC`). A
-checkpoint is written after every epoch so an interrupted run can resume where it stopped.
+large evaluation batches. Loss, scores and metrics follow the set's MedMNIST task
+(`pipeline.train.tasks`; metrics are `medmnist.evaluator.getAUC/getACC`). A checkpoint is written
+after every epoch so an interrupted run can resume where it stopped. Under torchrun the same loop
+trains one model on several devices (`pipeline.train.distributed`).
 """
 
 from __future__ import annotations
@@ -20,15 +22,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from medmnist.evaluator import getACC, getAUC
 
-from pipeline.data.pathmnist import PathMnist
-from pipeline.params import Cnn
+from pipeline.data.images import ImageSet
 from pipeline.errors import StageError
-from pipeline.train import augment
-
-TASK = "multi-class"
+from pipeline.models.cnn import resize_batch
+from pipeline.outputs import atomic_path
+from pipeline.params import Cnn
+from pipeline.train import augment, distributed, tasks
+from pipeline.train.distributed import SINGLE, World
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,11 +53,13 @@ def set_determinism(seed: int, device: torch.device) -> None:
 
 @dataclass
 class DeviceSplit:
-    images: torch.Tensor   # (N, H, W, 3) uint8 on the device, or in (pinned) host memory if on_host
-    labels: torch.Tensor   # (N,) int64 on the device
-    labels_np: np.ndarray
+    images: torch.Tensor   # (N, H, W, C) uint8 on the device, or in (pinned) host memory if on_host
+    labels: torch.Tensor   # on the device, as the loss takes them (`tasks.targets`)
+    labels_np: np.ndarray  # as stored, for MedMNIST's metrics
     device: torch.device | None = None   # where the model computes (default: where the images are)
     on_host: bool = False
+    task: str = "multi-class"
+    size: int = 0          # the size the model sees (`cnn.upsample_to`); 0 = the images' own
 
     def __post_init__(self):
         if self.device is None:
@@ -71,7 +74,8 @@ class DeviceSplit:
             images = images.to(self.device, non_blocking=True)
         else:
             images = self.images[index]
-        return augment.to_input(images.permute(0, 3, 1, 2))
+        x = augment.to_input(images.permute(0, 3, 1, 2))
+        return resize_batch(x, self.size) if self.size else x
 
 
 # Share of the device's free memory the image splits may take; the rest is for the model's
@@ -79,7 +83,8 @@ class DeviceSplit:
 DEVICE_SHARE = 0.5
 
 
-def to_device(data: PathMnist, device: torch.device, keep_on_host: bool | None = None) -> dict[str, DeviceSplit]:
+def to_device(data: ImageSet, device: torch.device, keep_on_host: bool | None = None,
+              size: int = 0) -> dict[str, DeviceSplit]:
     """Every split on the device, or (keep_on_host, or by default when the splits would take more
     than DEVICE_SHARE of the device's free memory) in pinned host memory, batches copied over."""
     if keep_on_host is None:
@@ -94,8 +99,8 @@ def to_device(data: PathMnist, device: torch.device, keep_on_host: bool | None =
             images = images.to(device)
         elif device.type == "cuda":
             images = images.pin_memory()
-        splits[s] = DeviceSplit(images, torch.from_numpy(data.labels[s]).to(device), data.labels[s], device,
-                                keep_on_host)
+        splits[s] = DeviceSplit(images, tasks.targets(data.labels[s], data.task).to(device), data.labels[s],
+                                device, keep_on_host, data.task, size)
     return splits
 
 
@@ -121,22 +126,22 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split: DeviceSplit, batch_size: int) -> np.ndarray:
-    """Softmax scores (N, classes) as float32 numpy, computed in fp32 (no autocast: bf16 logits
-    would quantise the scores into AUC ties and could change the selected epoch)."""
+    """Scores (N, outputs) as float32 numpy (softmax, or sigmoid per label), computed in fp32 (no
+    autocast: bf16 logits would quantise the scores into AUC ties and could change the selected epoch)."""
     was_training = model.training
     model.eval()
     scores = []
     for i in range(0, len(split.labels), batch_size):
         index = torch.arange(i, min(i + batch_size, len(split.labels)), device=split.device)
         logits = model(split.batch(index))
-        scores.append(torch.softmax(logits.float(), dim=1).cpu())
+        scores.append(tasks.scores(logits, split.task).cpu())
     model.train(was_training)
     return torch.cat(scores).numpy()
 
 
 def evaluate(model, split: DeviceSplit, batch_size: int) -> tuple[dict, np.ndarray]:
     scores = predict(model, split, batch_size)
-    return {"auc": float(getAUC(split.labels_np, scores, TASK)), "acc": float(getACC(split.labels_np, scores, TASK))}, scores
+    return tasks.evaluate(split.labels_np, scores, split.task), scores
 
 
 def make_scheduler(optimizer, cfg: Cnn):
@@ -147,10 +152,11 @@ def make_scheduler(optimizer, cfg: Cnn):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-def train_step(model: torch.nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Forward (bf16 autocast on CUDA), cross-entropy, backward, optimiser step."""
+def train_step(model: torch.nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor,
+               task: str = "multi-class") -> torch.Tensor:
+    """Forward (bf16 autocast on CUDA), the task's loss, backward, optimiser step."""
     with _autocast(x.device):
-        loss = F.cross_entropy(model(x), y)
+        loss = tasks.loss(model(x), y, task)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -187,6 +193,7 @@ def fingerprint(cfg: Cnn, seed: int, splits: dict[str, DeviceSplit], data_source
     and the source code of the loop, the augmentations and the caller's `code_files`."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "eval_batch_size", "log_every")}
     shapes = {s: list(split.images.shape) for s, split in splits.items()}
+    data_source = [data_source, splits["train"].task, splits["train"].size]
     device = splits["train"].device.type
     code = source_digest([*LOOP_SOURCES, *code_files])
     return hashlib.sha256(json.dumps([relevant, seed, shapes, data_source, device, code],
@@ -195,18 +202,21 @@ def fingerprint(cfg: Cnn, seed: int, splits: dict[str, DeviceSplit], data_source
 
 def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed: int,
           log: Callable[[dict, int], None], checkpoint_dir: Path | None = None, data_source: str = "",
-          code_files=()) -> TrainResult:
+          code_files=(), world: World = SINGLE) -> TrainResult:
     """Train on `splits` (from `to_device`), keep the best-validation weights in `model`.
 
     With `checkpoint_dir`, a checkpoint named by the run's fingerprint is written there after every
     epoch, and `cfg.resume` continues from it; the caller deletes it (`result.checkpoint`) once
-    its outputs are written.
+    its outputs are written. With a `world` of several processes (torchrun), each rank trains on
+    its share of every global batch; only rank 0 writes checkpoints (every rank logs through `log`:
+    the caller passes a no-op on the others).
     """
     train_split, val_split = splits["train"], splits["val"]
     device = train_split.device
     set_determinism(seed, device)
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = distributed.wrap(model, world, device)   # `model` itself in one process
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg)
     generator = torch.Generator(device=device).manual_seed(seed)
     n = len(train_split.labels)
@@ -247,7 +257,8 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             index = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             x = augment.apply(train_split.batch(index), cfg.augment, cfg.rotation_degrees, generator,
                               cfg.rotation_interpolation)
-            loss = train_step(model, optimizer, x, train_split.labels[index])
+            mine = distributed.shard(len(index), world, device)   # all positions in one process
+            loss = train_step(net, optimizer, x[mine], train_split.labels[index][mine], train_split.task)
             step += 1
             result.images_seen += len(index)
             running += loss.detach()
@@ -276,7 +287,7 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             # checkpoint, so a run resumed from it writes the same full curve)
             result.curve.append({"step": step, "epoch": epoch, "train_loss": float(running) / running_n,
                                  "val_auc": val["auc"], "val_acc": val["acc"]})
-        if checkpoint is not None:
+        if checkpoint is not None and world.is_main:
             _save_checkpoint(checkpoint, {
                 "fingerprint": key, "epoch": epoch, "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -289,7 +300,5 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
 
 def _save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: a checkpoint is either the previous epoch's or this one's, never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)

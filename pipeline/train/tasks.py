@@ -63,9 +63,9 @@ def prediction_summary(labels: np.ndarray, scores: np.ndarray, task: str, n_clas
 
     Single-label tasks: {"kind": "confusion", "matrix": (K, K) counts (rows actual, columns predicted),
     "pairs": [{"actual", "predicted"}, ...] (the rows of a DVC confusion plot)}.
-    Multi-label: {"kind": "per_label", "rows": [{"label", "positives", "predicted_positives", "auc",
+    Multi-label: {"kind": "per_label", "rows": [{"label", "positives", "positives_of", "predicted_positives", "auc",
     "acc"}, ...]}; a confusion matrix over label sets would mean nothing. A label whose split has only
-    one value has no AUC (NaN).
+    one value has no AUC (None).
     """
     labels = np.asarray(labels)
     predicted = predictions(scores, task)
@@ -78,7 +78,8 @@ def prediction_summary(labels: np.ndarray, scores: np.ndarray, task: str, n_clas
     for label in range(labels.shape[1]):
         y = labels[:, label]
         one_value = y.min() == y.max()
-        rows.append({"label": label, "positives": int(y.sum()), "predicted_positives": int(predicted[:, label].sum()),
-                     "auc": float("nan") if one_value else float(roc_auc_score(y, scores[:, label])),
+        rows.append({"label": label, "positives": int(y.sum()), "positives_of": len(y),
+                     "predicted_positives": int(predicted[:, label].sum()),
+                     "auc": None if one_value else float(roc_auc_score(y, scores[:, label])),
                      "acc": float((predicted[:, label] == y).mean())})
     return {"kind": "per_label", "rows": rows}
