@@ -80,6 +80,8 @@ def wait_until(check, what: str, log: Path, timeout: float = 120) -> None:
         try:
             if check():
                 return
+        except ServiceError:
+            raise
         except Exception:  # noqa: BLE001 - not up yet
             pass
         time.sleep(0.5)
@@ -140,11 +142,12 @@ def load_state(root: Path) -> dict | None:
 def credentials(root: Path) -> dict:
     """S3 keys and the database password: generated once, kept in DIR (mode 0600)."""
     path = root / "credentials.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    creds = {"s3_access_key": "team" + secrets.token_hex(8), "s3_secret_key": secrets.token_urlsafe(30),
-             "db_password": secrets.token_urlsafe(24)}
-    write_json(path, creds)   # written through a mkstemp file: mode 0600
+    creds = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {"s3_access_key": lambda: "team" + secrets.token_hex(8), "s3_secret_key": lambda: secrets.token_urlsafe(30),
+              "db_password": lambda: secrets.token_urlsafe(24), "flask_secret_key": lambda: secrets.token_urlsafe(32)}
+    if set(wanted) - set(creds):
+        creds = {**{k: make() for k, make in wanted.items()}, **creds}
+        write_json(path, creds)   # written through a mkstemp file: mode 0600
     return creds
 
 
@@ -279,6 +282,8 @@ def start_mlflow(root: Path, port: int, pg_port: int, s3_endpoint: str, creds: d
                              "admin_username = admin\n"
                              "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_ini)
+        # The auth app's CSRF protection needs one static key (the same for every worker).
+        env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", creds["flask_secret_key"])
         cmd += ["--app-name", "basic-auth"]
     log = root / "mlflow.log"
     with open(log, "ab") as out:
@@ -330,7 +335,9 @@ def stop(root: Path) -> bool:
     for name, sig in STOP:
         pid = state["pids"].get(name)
         if pid:
+            started = time.monotonic()
             stop_pid(pid, sig)
+            print(f"stopped {name} (pid {pid}) in {time.monotonic() - started:.1f}s", file=sys.stderr)
     state_file(root).unlink()
     return True
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, dvc, env as test_env, make_repo_copy, run, small_params
+from conftest import REPO, dvc, env as stage_env, make_repo_copy, run, small_params
 
 try:
     from team.services import ServiceError, alive, postgres_bin
@@ -119,7 +119,7 @@ def test_eight_concurrent_writers(services, tmp_path):
     client = mlflow_client(services)
     experiment_id = client.create_experiment("concurrent-writers")
     procs = [subprocess.Popen([PY, "-c", WRITER, str(i), experiment_id], cwd=tmp_path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=test_env(**services["env"]))
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=stage_env(**services["env"]))
              for i in range(8)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, "\n".join(o[-1500:] for o in outputs)
