@@ -280,6 +280,9 @@ def start_mlflow(root: Path, port: int, pg_port: int, s3_endpoint: str, creds: d
         write_text(auth_ini, "[mlflow]\ndefault_permission = READ\n"
                              f"database_uri = postgresql+psycopg2://{DB_USER}@{HOST}:{pg_port}/mlflow_auth\n"
                              "admin_username = admin\n"
+                             # PBKDF2 per request is the auth app's main cost; cache good credentials
+                             # for 30 s per worker (a changed password takes up to that long to apply).
+                             "auth_cache_ttl_seconds = 30\n"
                              "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_ini)
         # The auth app's CSRF protection needs one static key (the same for every worker).

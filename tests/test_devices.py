@@ -92,3 +92,51 @@ def test_bad_pool_is_a_clear_error(monkeypatch, pool):
 def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(StageError, match="no CUDA device"):
         devices.resolve_device("cuda")
+
+
+LEASE_STAGE = """
+import json, os, sys, time
+from pathlib import Path
+sys.path.insert(0, os.environ["PIPELINE_SRC"])
+from pipeline.devices import resolve_device
+device = resolve_device("auto")
+seen = Path(os.environ["LEASE_SEEN"])
+(seen / f"{device}.{os.getpid()}").write_text(str(device))
+deadline = time.monotonic() + 300
+while len(list(seen.iterdir())) < 2 and time.monotonic() < deadline:   # both hold a device at once
+    time.sleep(0.1)
+Path("device.json").write_text(json.dumps({"device": str(device)}))
+"""
+
+
+def test_dvc_queue_gives_each_worker_its_own_device(tmp_path):
+    """`dvc queue start -j 2` with a 2-device pool: the two queued experiments run at once on two devices."""
+    from conftest import dvc, run
+
+    repo, seen = tmp_path / "repo", tmp_path / "seen"
+    repo.mkdir()
+    seen.mkdir()
+    (repo / "lease.py").write_text(LEASE_STAGE)
+    (repo / "params.yaml").write_text("seed: 0\n")
+    (repo / "dvc.yaml").write_text("stages:\n  lease:\n    cmd: python lease.py\n    deps: [lease.py]\n"
+                                   "    params: [seed]\n    metrics:\n      - device.json:\n          cache: false\n")
+    run(["git", "init", "-q"], repo)
+    dvc(repo, "init", "-q")
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "lease"], repo)
+    pool = {"PIPELINE_DEVICE_POOL": "cpu:0,cpu:1", "PIPELINE_DEVICE_LOCKS": str(tmp_path / "locks"),
+            "PIPELINE_SRC": str(REPO), "LEASE_SEEN": str(seen)}
+    for seed in (1, 2):
+        dvc(repo, "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"seed={seed}", **pool)
+    dvc(repo, "queue", "start", "-j", "2", **pool)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = dvc(repo, "queue", "status", **pool).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    dvc(repo, "queue", "stop", "--kill", check=False, **pool)
+    assert status.count("Success") == 2, status + dvc(repo, "queue", "logs", "seed1", check=False).stdout
+    assert sorted(f.read_text() for f in seen.iterdir()) == ["cpu:0", "cpu:1"]
+    shown = dvc(repo, "exp", "show", "--json", **pool).stdout
+    assert '"cpu:0"' in shown and '"cpu:1"' in shown, shown[:3000]

@@ -109,7 +109,7 @@ WRITER = textwrap.dedent("""
     i, experiment_id = int(sys.argv[1]), sys.argv[2]
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"writer{i}", tags={"writer": str(i)}):
         mlflow.log_params({"writer": i, "lr": 0.01 * (i + 1)})
-        for step in range(20):
+        for step in range(10):
             mlflow.log_metric("loss", 1.0 / (step + 1) + i, step=step)
         mlflow.log_text(f"writer {i}", "notes/writer.txt")
 """)
@@ -131,7 +131,7 @@ def test_eight_concurrent_writers(services, tmp_path):
         assert r.info.status == "FINISHED"
         assert r.data.params == {"writer": str(i), "lr": str(0.01 * (i + 1))}
         history = client.get_metric_history(r.info.run_id, "loss")
-        assert sorted(m.step for m in history) == list(range(20))
+        assert sorted(m.step for m in history) == list(range(10))
         assert [a.path for a in client.list_artifacts(r.info.run_id, "notes")] == ["notes/writer.txt"]
     assert len([k for k in s3_keys(services, f"mlflow/{experiment_id}/") if k.endswith("notes/writer.txt")]) == 8
 
@@ -167,7 +167,7 @@ def test_stage_logs_to_server(services, clone_a):
     assert run_.info.status == "FINISHED" and run_.data.tags["stage"] == "backprop"
     assert run_.data.params["epochs"] == "2"
     steps = [m.step for m in client.get_metric_history(run_.info.run_id, "val_accuracy")]
-    assert sorted(steps) == [0, 1] or sorted(steps) == [1, 2], steps
+    assert sorted(steps) == [0, 1, 2], steps   # before training, then after each of the 2 epochs
     assert len(client.get_metric_history(run_.info.run_id, "train_loss")) > 2
     assert [a.path for a in client.list_artifacts(run_.info.run_id, "figures")] == ["figures/loss.png"]
     local = client.download_artifacts(run_.info.run_id, "figures/loss.png", str(clone_a["base"]))
