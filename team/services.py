@@ -267,6 +267,9 @@ def start_mlflow(root: Path, port: int, pg_port: int, s3_endpoint: str, creds: d
     env = {**os.environ, "PGPASSFILE": str(pgpass), "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
            "AWS_ACCESS_KEY_ID": creds["s3_access_key"], "AWS_SECRET_ACCESS_KEY": creds["s3_secret_key"],
            "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    # MLflow's job runner (GenAI scorers etc.) starts seven huey consumers; this pipeline submits no
+    # jobs, so it is off unless the environment turns it on.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(key, None)
     cmd = [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", str(workers),

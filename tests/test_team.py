@@ -180,7 +180,7 @@ def test_dvc_remote_two_clones(services, clone_a):
     env = services["env"]
     assert [k for k in s3_keys(services, "dvc/") if "/runs/" in k], "the run-cache was not pushed"
     b = clone_a["base"] / "b"
-    subprocess.run(["git", "clone", "-q", str(clone_a["origin"]), str(b)], check=True)
+    subprocess.run(["git", "clone", "-q", "-b", "main", str(clone_a["origin"]), str(b)], check=True)
     # Clone B keeps the endpoint in its own untracked .dvc/config.local instead of the environment.
     dvc(b, "remote", "modify", "--local", "team", "endpointurl", env["AWS_ENDPOINT_URL"])
     creds = {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
@@ -199,6 +199,6 @@ def test_dvc_remote_two_clones(services, clone_a):
     dvc(a, "exp", "push", "origin", "lr005", timeout=300, **env)
     dvc(b, "exp", "pull", "origin", "lr005", timeout=300, **creds)
     shown = json.loads(dvc(b, "exp", "show", "--json", **creds).stdout)
-    names = [e.get("name") for commit in shown for e in (commit.get("experiments") or [])
-             for e in (e.get("revs") or [])]
+    names = [rev.get("name") for commit in shown for group in (commit.get("experiments") or [])
+             for rev in (group.get("revs") or [])]
     assert "lr005" in names, json.dumps(shown)[:3000]
