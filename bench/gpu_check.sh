@@ -23,7 +23,7 @@ PY=${PYTHON:-python3}
 [[ -x .venv/bin/python && $DRY == 1 ]] && PY=.venv/bin/python
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1 PYTHONUNBUFFERED=1 MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db"
 
 # step NAME LIMIT_S CMD...: run it, keep its status, time and output tail in $WORK/steps/NAME.json
 mkdir -p "$WORK/steps"
@@ -54,7 +54,7 @@ if ! "$PY" -c "import medmnist, mlflow, pydantic, yaml, pytest" 2>/dev/null; the
 fi
 
 if [[ $DRY == 1 ]]; then
-    DEVICE=cpu; TRAIN=256; EVAL=64; BACKEND=gloo; FULL=""
+    DEVICE=cpu; TRAIN=256; EVAL=64; BACKEND=gloo; FULL="--steps 2 --models resnet18"
 else
     DEVICE=cuda; TRAIN=89996; EVAL=10004; BACKEND=nccl; FULL="--full"
 fi

@@ -43,6 +43,7 @@ def services():
                   MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORD).stdout
         exports = dict(line[len("export "):].split("=", 1) for line in out.splitlines() if line.startswith("export "))
         state = json.loads((root / "services.json").read_text())
+        assert run([PY, "-m", "team.services", "env", "--dir", str(root)], REPO).stdout == out
         client_env = {**exports, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
         yield {"root": root, "env": client_env, "state": state}
     finally:
@@ -184,10 +185,10 @@ def test_dvc_remote_two_clones(services, clone_a):
     # Clone B keeps the endpoint in its own untracked .dvc/config.local instead of the environment.
     dvc(b, "remote", "modify", "--local", "team", "endpointurl", env["AWS_ENDPOINT_URL"])
     creds = {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    dvc(b, "pull", "--run-cache", timeout=300, **creds)
+    dvc(b, "pull", "--run-cache", "--with-deps", "backprop", timeout=300, **creds)
     assert (b / "data/raw/ETTh1.csv").read_bytes() == (clone_a["repo"] / "data/raw/ETTh1.csv").read_bytes()
     assert (b / "figures/backprop/loss.png").exists()
-    repro = dvc(b, "repro", timeout=300, **creds)
+    repro = dvc(b, "repro", "backprop", timeout=300, **creds)
     assert "Running stage" not in repro.stdout, repro.stdout
     assert "is cached - skipping run" not in repro.stdout and "up to date" in repro.stdout, repro.stdout
     assert "config.local" not in subprocess.run(["git", "ls-files", ".dvc"], cwd=b, capture_output=True,
@@ -195,7 +196,7 @@ def test_dvc_remote_two_clones(services, clone_a):
 
     # An experiment made in A, pushed, pulled into B.
     a = clone_a["repo"]
-    dvc(a, "exp", "run", "-n", "lr005", "-S", "backprop.lr=0.05", timeout=600, **env)
+    dvc(a, "exp", "run", "-n", "lr005", "-S", "backprop.lr=0.05", "backprop", timeout=600, **env)
     dvc(a, "exp", "push", "origin", "lr005", timeout=300, **env)
     dvc(b, "exp", "pull", "origin", "lr005", timeout=300, **creds)
     shown = json.loads(dvc(b, "exp", "show", "--json", **creds).stdout)
