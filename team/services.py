@@ -223,7 +223,7 @@ def start_seaweedfs(root: Path, ports: list[int], creds: dict) -> int:
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
     cmd = [str(weed_bin()), "server", f"-dir={weed / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
-           "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+           "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=1",
            f"-master.port={master}", f"-master.port.grpc={master_grpc}",
            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
