@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import figures, params as P
+from pipeline import devices, figures, params as P
 from pipeline.data import images
 from pipeline.errors import StageError
 from pipeline.models import cnn
@@ -48,7 +48,7 @@ def main(argv):
         os.execv(command[0], command)   # torchrun takes this process over (and its signals)
     world, device = distributed.init()
     with cnn_loop.out_of_memory_advice(cfg):   # anywhere: moving the splits, training, testing
-        run(name, params, cfg, world, device or cnn_loop.resolve_device(params.base.device))
+        run(name, params, cfg, world, device or devices.resolve_device(params.base.device))
     distributed.teardown(world)
 
 

@@ -32,14 +32,6 @@ from pipeline.train import augment, distributed, tasks
 from pipeline.train.distributed import SINGLE, World
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StageError("base.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def set_determinism(seed: int, device: torch.device) -> None:
     torch.manual_seed(seed)
     if device.type == "cuda":

@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.errors import StageError
 from pipeline.params import Cnn
+from pipeline import devices
 from pipeline.train import augment, cnn_loop
 from pipeline.train.cnn_loop import DeviceSplit
 
@@ -280,8 +281,8 @@ def test_fingerprint_ignores_only_resume_eval_batch_and_log_every():
 
 def test_device_resolution(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cnn_loop.resolve_device("auto") == CPU and cnn_loop.resolve_device("cpu") == CPU
+    assert devices.resolve_device("auto") == CPU and devices.resolve_device("cpu") == CPU
     with pytest.raises(StageError, match="base.device is 'cuda' but no CUDA device is available"):
-        cnn_loop.resolve_device("cuda")
+        devices.resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cnn_loop.resolve_device("auto") == torch.device("cuda")
+    assert devices.resolve_device("auto") == torch.device("cuda")
