@@ -34,7 +34,8 @@ def main(argv):
                         "n_train": len(data.labels["train"]), **asdict(cfg)})
         splits = cnn_loop.to_device(data, device)
         result = cnn_loop.train(model, splits, cfg, params.base.seed, tracker.metrics,
-                                checkpoint=MODELS / "checkpoints" / f"{name}.pt", data_source=data.source)
+                                checkpoint=MODELS / "checkpoints" / f"{name}.pt", data_source=data.source,
+                                label=f"{'ablation' if name in params.cnn['ablations'] else 'cnn'}@{name}")
         test, scores = cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)
         metrics = {"test_auc": test["auc"], "test_acc": test["acc"], "best_val_auc": result.best_val["auc"],
                    "best_val_acc": result.best_val["acc"], "best_epoch": result.best_epoch}
