@@ -96,12 +96,13 @@ def bar(total: int | None, desc: str, unit: str = "step", *, items_per_step: int
     """
     stream = stream or sys.stderr
     units = unit if unit == "B" else unit + "s"
+    rate = "" if items_per_step else ", {rate_fmt}"   # per-item rates are in the postfix
     interactive = getattr(stream, "isatty", lambda: False)()
     if interactive:
-        fmt = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + units + " [{elapsed}<{remaining}{postfix}]"
+        fmt = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + units + " [{elapsed}<{remaining}" + rate + "{postfix}]"
         file, interval = stream, TERMINAL_INTERVAL_S
     else:
-        fmt = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} " + units + " [{elapsed}<{remaining}{postfix}]"
+        fmt = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} " + units + " [{elapsed}<{remaining}" + rate + "{postfix}]"
         file, interval = _Lines(stream), LOG_INTERVAL_S
         if quiet_start:
             tqdm_kwargs.setdefault("delay", LOG_INTERVAL_S)
