@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench browser
+.PHONY: setup repro test bench browser estimate
 
 setup: $(STAMP)
 
@@ -28,3 +28,7 @@ test: setup browser
 
 bench: setup
 	$(BIN)/python -m bench.cnn_throughput
+
+# The projected time of every stage `dvc repro` would run here with the current params (runs none).
+estimate: setup
+	$(BIN)/python -m bench.estimate

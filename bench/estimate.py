@@ -3,6 +3,7 @@ params, without running them (`make estimate`).
 
     python -m bench.estimate            # from the repository root
     python -m bench.estimate --steps 2  # fewer timed steps: quicker, rougher
+    python -m bench.estimate cnn@resnet18 mlp@default   # as `dvc repro <targets>` would run
 
 Which stages: those `dvc status` reports changed, plus everything downstream of them (DVC's own
 API and graph). How long:
@@ -11,8 +12,8 @@ API and graph). How long:
     benchmark's `time_training` (bench/cnn_throughput.py), projected over the stage's epochs,
     steps, validation passes and test pass (`pipeline.progress.cnn_projection`). Configurations
     that match are measured once.
-  - MLP stages (mlp@*): a few steps of the numpy MLP (forward, MSE gradient, backward) timed on a
-    random batch of the stage's shapes, times the steps of every epoch, plus the per-epoch
+  - MLP stages (mlp@*): the median of 20+ steps of the numpy MLP (forward, MSE gradient,
+    backward) timed on a random batch of the stage's shapes, times the steps of every epoch, plus the per-epoch
     validation and test forward passes; an upper bound, since early stopping can end it sooner.
   - The other stages (downloads, backprop, features, report): not measured; fixed figures below,
     from runs on a 2-core CPU.
@@ -42,8 +43,9 @@ FIXED_S = {"download_ett": 2.0, "backprop": 15.0, "features": 5.0, "report": 15.
 ETT_CHANNELS = 7
 
 
-def stale_stages(root: Path) -> list[str]:
-    """Stages `dvc repro` would run, in dvc.yaml order: changed ones and everything downstream."""
+def stale_stages(root: Path, targets: list[str] | None = None) -> list[str]:
+    """Stages `dvc repro [targets]` would run, in dvc.yaml order: changed ones and everything
+    downstream of them (within the targets and what they depend on)."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
@@ -53,6 +55,14 @@ def stale_stages(root: Path) -> list[str]:
         stale = set(changed)
         for name in changed:
             stale |= {s.addressing for s in nx.ancestors(graph, by_name[name])}
+        if targets:
+            unknown = [t for t in targets if t not in by_name]
+            if unknown:
+                raise SystemExit(f"no stage {', '.join(unknown)}; stages: {', '.join(by_name)}")
+            wanted = set(targets)
+            for name in targets:
+                wanted |= {s.addressing for s in nx.descendants(graph, by_name[name])}
+            stale &= wanted
         return [name for name in by_name if name in stale]
 
 
@@ -132,10 +142,12 @@ def mlp_estimate(stage: str, params, n_steps: int) -> tuple[float, str]:
         _, d_pred = mlp_forecaster.mse_grad(pred, y)
         mlp_forecaster.backward(weights, cache, d_pred.astype(dtype, copy=False))
     step()
-    start = time.perf_counter()
-    for _ in range(n_steps):
+    durations = []
+    for _ in range(max(4 * n_steps, 20)):   # milliseconds each: the median of many resists load spikes
+        start = time.perf_counter()
         step()
-    step_s = (time.perf_counter() - start) / n_steps
+        durations.append(time.perf_counter() - start)
+    step_s = float(np.median(durations))
     start = time.perf_counter()
     mlp_forecaster.predict(weights, np.repeat(x, 8, axis=0), cfg.kernel, norm)
     eval_s_per_row = (time.perf_counter() - start) / (8 * rows)
@@ -156,21 +168,23 @@ def other_estimate(stage: str, params) -> tuple[float, str]:
             seconds = sum(n.values()) * (images.size / 64) ** 2 * 2e-4 + STAGE_OVERHEAD_S
             return seconds, (f"projected: {progress.format_seconds(seconds)} for {stage} (generates "
                              f"{sum(n.values())} synthetic images; not measured)")
-        return STAGE_OVERHEAD_S, (f"projected: {stage}: a mirror copy takes seconds; a download of "
-                                  f"{images.name} {images.size}px depends on the network (the stage shows its progress)")
+        return STAGE_OVERHEAD_S, (f"projected: {progress.format_seconds(STAGE_OVERHEAD_S)} for {stage} from a "
+                                  f"mirror; a download of {images.name} {images.size}px depends on the network "
+                                  f"(the stage shows its progress)")
     seconds = FIXED_S.get(stage, 0.0) + STAGE_OVERHEAD_S
     return seconds, f"projected: {progress.format_seconds(seconds)} for {stage} (not measured: small)"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("targets", nargs="*", help="stages, as for `dvc repro` (default: all)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default 5)")
     args = parser.parse_args(argv)
 
     root = Path.cwd()
     params = P.load(root / "params.yaml")
     raw = yaml.safe_load((root / "params.yaml").read_text())
-    stages = stale_stages(root)
+    stages = stale_stages(root, args.targets)
     device = cnn_loop.resolve_device(params.base.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     if not stages:

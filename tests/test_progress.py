@@ -159,14 +159,21 @@ def test_download_with_a_wrong_checksum_keeps_nothing(http_folder, tmp_path, eve
 
 def test_estimate_lists_every_stale_stage_with_a_projected_time(tmp_path):
     params = small_params()
+    # One CNN configuration (the ablation differs only in its scheduler), so one measurement.
+    params["cnn"]["experiments"] = {"resnet18": {"model": "resnet18"}}
+    params["cnn"]["ablations"] = {"steplr": {"model": "resnet18", "scheduler": "step"}}
     repo = make_repo_copy(tmp_path, params)
     out = run([sys.executable, "-m", "bench.estimate", "--steps", "1"], repo, timeout=600).stdout
-    names = ["download_ett", "download_pathmnist", "backprop", "features", "report"]
-    names += [f"mlp@{v}" for v in params["mlp"]["variants"]]
-    names += [f"cnn@{e}" for e in params["cnn"]["experiments"]]
-    names += [f"ablation@{a}" for a in params["cnn"]["ablations"]]
-    assert f"{len(names)} stages `dvc repro` would run here" in out
+    names = ["download_ett", "download_pathmnist", "backprop", "cnn@resnet18", "ablation@steplr", "features",
+             "report", *[f"mlp@{v}" for v in params["mlp"]["variants"]]]
+    assert f"{len(names)} stages `dvc repro` would run here" in out, out
     for name in names:
-        assert re.search(rf"projected: (\d+[hms] ?)+( \d\d[ms])? for {re.escape(name)}\b", out), (name, out)
-    assert re.search(r"cnn@resnet18 on cpu \(1 epochs x 6 steps at", out), out   # 180 images / batch 32
-    assert re.search(r"^total: .* for 18 stages", out, re.M), out
+        assert re.search(rf"^  projected: (\d+[hms] ?)+ for {re.escape(name)}\b", out, re.M), (name, out)
+    assert re.search(r"for cnn@resnet18 on cpu \(1 epochs x 6 steps at", out), out   # 180 images / batch 32
+    assert re.search(r"for mlp@default on cpu \(at most 1 fit\(s\) x 2 epochs x 262 steps", out), out
+    assert re.search(rf"^total: .* for {len(names)} stages", out, re.M), out
+
+    # As `dvc repro cnn@resnet18` would: the target and the stale stages it needs.
+    out = run([sys.executable, "-m", "bench.estimate", "--steps", "1", "cnn@resnet18"], repo, timeout=600).stdout
+    listed = re.findall(r"^  projected: .*? for (\S+)", out, re.M)
+    assert listed == ["download_pathmnist", "cnn@resnet18"], out
