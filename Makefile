@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench browser params plots-template mutate
+.PHONY: setup repro test bench browser params plots-template mutate estimate
 
 setup: $(STAMP)
 
@@ -68,3 +68,6 @@ wheels: setup
 
 gpu-check:
 	bash bench/gpu_check.sh
+# The projected time of every stage `dvc repro` would run here with the current params (runs none).
+estimate: setup
+	"$(BIN)/python" -m bench.estimate

@@ -25,7 +25,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from pipeline import params as P
+from pipeline import params as P, progress
 from pipeline.models import cnn
 from pipeline.params import Cnn
 from pipeline.train import augment, cnn_loop
@@ -57,17 +57,42 @@ def fresh(name: str, device, channels_last=True):
     return model.train(), torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def bench_model(name, images: np.ndarray, labels: np.ndarray, device, batch, n_warmup, n_steps) -> dict:
-    split = cnn_loop.DeviceSplit(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device), labels)
-    generator = torch.Generator(device=device).manual_seed(0)
-    n = len(labels)
+def synthetic_split(n: int, size: int, device, n_classes: int = 9, seed: int = 0) -> cnn_loop.DeviceSplit:
+    """Random uint8 images on the device (throughput does not depend on content)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, n_classes, size=n).astype(np.int64)
+    return cnn_loop.DeviceSplit(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device), labels)
 
-    model, opt = fresh(name, device)
-    def ours():
+
+def time_training(model_name: str, split: cnn_loop.DeviceSplit, device, batch: int, augmentations, degrees: float,
+                  n_warmup: int, n_steps: int, eval_batch: int) -> dict:
+    """The one measurement of this project's training step on this device (the benchmark and
+    `bench.estimate` both use it): index the uint8 split, normalise, augment, forward + backward +
+    Adam as `cnn_loop.train` does, then one evaluation batch as `cnn_loop.predict` does.
+    Returns seconds per training step and evaluation seconds per image."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    n = len(split.labels)
+    model, opt = fresh(model_name, device)
+
+    def step():
         index = torch.randint(0, n, (batch,), device=device, generator=generator)
-        x = augment.apply(split.batch(index), ["rotation", "hflip"], 15.0, generator)
+        x = augment.apply(split.batch(index), list(augmentations), degrees, generator)
         cnn_loop.train_step(model, opt, x, split.labels[index])
-    results = {"ours": timed(ours, n_warmup, n_steps, batch, device)}
+    step_seconds = batch / timed(step, n_warmup, n_steps, batch, device)
+
+    k = min(eval_batch, n)
+    head = cnn_loop.DeviceSplit(split.images[:k], split.labels[:k], split.labels_np[:k])
+    eval_ips = timed(lambda: cnn_loop.predict(model, head, k), 1, max(1, n_steps // 5), k, device)
+    return {"step_seconds": step_seconds, "eval_seconds_per_image": 1 / eval_ips}
+
+
+def bench_model(name, split: cnn_loop.DeviceSplit, device, batch, n_warmup, n_steps) -> dict:
+    n = len(split.labels)
+    images, labels = split.images.cpu().numpy(), split.labels_np
+    ours = time_training(name, split, device, batch, ["rotation", "hflip"], 15.0, n_warmup, n_steps,
+                         eval_batch=1024 if device.type == "cuda" else 256)
+    results = {"ours": batch / ours["step_seconds"], "eval": 1 / ours["eval_seconds_per_image"]}
 
     model, opt = fresh(name, device)
     x_fixed = split.batch(torch.arange(batch, device=device)).contiguous(memory_format=torch.channels_last)
@@ -98,22 +123,17 @@ def bench_model(name, images: np.ndarray, labels: np.ndarray, device, batch, n_w
         opt.step()
     results["original"] = timed(original, n_warmup, n_steps, batch, device)
 
-    model.eval()
-    eval_batch = 1024 if device.type == "cuda" else 256
-    x_eval = split.batch(torch.arange(min(eval_batch, n), device=device))
-    def infer():
-        with torch.no_grad(), cnn_loop._autocast(device):
-            model(x_eval)
-    results["eval"] = timed(infer, 2, max(3, n_steps // 5), len(x_eval), device)
     return results
 
 
-def projected_seconds(cfg: Cnn, train_ips: float, eval_ips: float) -> float:
-    """Training images / throughput + every validation pass (every log_every steps and per epoch) + test."""
-    steps = -(-REAL_COUNTS["train"] // cfg.batch_size)
-    val_passes = steps // cfg.log_every + 1
-    per_epoch = REAL_COUNTS["train"] / train_ips + val_passes * REAL_COUNTS["val"] / eval_ips
-    return cfg.epochs * per_epoch + REAL_COUNTS["test"] / eval_ips
+def projected_seconds(cfg: Cnn, measured: dict, counts: dict = REAL_COUNTS) -> float:
+    """The stage's projected wall time (`progress.cnn_projection`: steps, validation passes, test)."""
+    steps = -(-counts["train"] // cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    total, _, _ = progress.cnn_projection(measured["step_seconds"], measured["eval_seconds_per_image"], steps,
+                                          cfg.epochs, cfg.log_every, counts["val"], counts["test"])
+    return total
 
 
 def main():
@@ -129,9 +149,7 @@ def main():
     batch = params.cnn_experiment("resnet18").batch_size
     n = REAL_COUNTS["train"] if args.full else 2048
     steps = args.steps or (100 if device.type == "cuda" else 8)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(n, args.size, args.size, 3), dtype=np.uint8)
-    labels = rng.integers(0, 9, size=n).astype(np.int64)
+    split = synthetic_split(n, args.size, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; {n} train images of {args.size}px; batch {batch}; "
           f"{steps} timed steps per measurement")
@@ -139,7 +157,7 @@ def main():
           f"{'ours/original':>14} {'eval img/s':>11}")
     measured = {}
     for model_name in args.models.split(","):
-        r = bench_model(model_name, images, labels, device, batch, n_warmup=2 if device.type == "cpu" else 10,
+        r = bench_model(model_name, split, device, batch, n_warmup=2 if device.type == "cpu" else 10,
                         n_steps=steps)
         measured[model_name] = r
         print(f"{model_name:<12} {r['ours']:>11.1f} {r['ceiling']:>9.1f} {r['original']:>9.1f} "
@@ -150,7 +168,9 @@ def main():
     for stage in params.cnn_experiments():
         cfg = params.cnn_experiment(stage)
         if cfg.model in measured:
-            seconds = projected_seconds(cfg, measured[cfg.model]["ours"], measured[cfg.model]["eval"])
+            r = measured[cfg.model]
+            seconds = projected_seconds(cfg, {"step_seconds": cfg.batch_size / r["ours"],
+                                              "eval_seconds_per_image": 1 / r["eval"]})
             print(f"  {stage:<16} {cfg.model:<12} {cfg.epochs:>3} epochs  {seconds / 60:8.1f} min")
 
 

@@ -34,7 +34,8 @@ def main(argv):
         tracker.params({"variant": variant, "dataset": name, "seed": params.base.seed, **asdict(cfg)})
         result = fit(data, cfg, params.base.seed,
                      on_epoch=lambda row: tracker.metrics({k: v for k, v in row.items() if k != "epoch"},
-                                                          step=row["epoch"]))
+                                                          step=row["epoch"]),
+                     label=f"mlp@{variant}")
         pred = predict(result.params, data.x_test, cfg.kernel, cfg.window_norm)   # (windows*channels, P)
         test = scores(pred, data.y_test)
         metrics = {"test_mse": test["mse"], "test_mae": test["mae"], "best_val_loss": result.best_val_loss,

@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import urllib.request
 from pathlib import Path
 
+from pipeline import progress
 from pipeline.errors import DataError
 
 NETWORK_TIMEOUT_S = 15
+CHUNK = 1 << 20
+
+
+def _copy(source, out, total: int | None, desc: str) -> None:
+    """Copy a file object to `out` in chunks, showing bytes, rate and time left (`total` known)."""
+    with progress.bar(total, desc, unit="B", unit_scale=True, unit_divisor=1024, leave=True,
+                      quiet_start=False) as shown:
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            out.write(chunk)
+            shown.update(len(chunk))
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -53,14 +63,16 @@ def fetch(dest: Path, url: str, expected: str, algorithm: str = "sha256",
         if mirror is not None:
             source = mirror / dest.name
             if source.exists():
-                shutil.copyfile(source, partial)
+                with open(source, "rb") as src, open(partial, "wb") as out:
+                    _copy(src, out, source.stat().st_size, f"{dest.name} (mirror)")
                 _verify(partial, expected, algorithm, f"mirror file {source}", way_out)
                 os.replace(partial, dest)
                 return "mirror"
             tried.append(f"mirror {source}: no such file")
         try:
             with urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT_S) as response, open(partial, "wb") as out:
-                shutil.copyfileobj(response, out)
+                length = response.headers.get("Content-Length")
+                _copy(response, out, int(length) if length and length.isdigit() else None, dest.name)
         except OSError as error:  # URLError, timeouts and HTTP errors are OSErrors
             tried.append(f"download {url}: {error}")
             raise DataError(f"could not get {dest.name}. Tried:\n  - " + "\n  - ".join(tried)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline import progress
 from pipeline.models import mlp_forecaster as model
 from pipeline.params import Mlp
 
@@ -53,7 +54,8 @@ def evaluate(params: dict, x: np.ndarray, y: np.ndarray, cfg: Mlp) -> dict:
     return scores(model.predict(params, x, cfg.kernel, cfg.window_norm), y)
 
 
-def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None] | None = None,
+        label: str = "mlp") -> FitResult:
     rng = np.random.default_rng(seed)
     dtype = np.dtype(cfg.dtype)
     params = model.init_params(cfg.input_len, cfg.hidden, cfg.pred_len, rng, dtype)
@@ -65,6 +67,9 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
     for epoch in range(1, cfg.epochs + 1):
         order = rng.permutation(n_windows)
         losses = []
+        epoch_start = time.perf_counter()
+        bar = progress.bar(-(-n_windows // cfg.batch_size), f"{label} epoch {epoch}/{cfg.epochs}",
+                           items_per_step=cfg.batch_size, item_unit="windows")
         for i in range(0, n_windows, cfg.batch_size):
             # A batch is `batch_size` windows with all their channels.
             rows = (order[i:i + cfg.batch_size, None] * data.n_channels + channel_offsets).reshape(-1)
@@ -86,6 +91,8 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
                     grad = velocity[name]
                 params[name] -= lr * grad
             losses.append(loss)
+            bar.step(loss)
+        bar.close()
         if not np.isfinite(losses[-1]):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {losses[-1]}); "
                                      f"lower mlp.lr (now {cfg.lr})")
@@ -93,6 +100,8 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
                "valid_loss": evaluate(params, data.x_val, data.y_val, cfg)["mse"],
                "test_loss": evaluate(params, data.x_test, data.y_test, cfg)["mse"], "lr": lr}
         result.history.append(row)
+        progress.epoch_line(epoch, cfg.epochs, time.perf_counter() - epoch_start, prefix=label,
+                            train_loss=row["train_loss"], valid_loss=row["valid_loss"], lr=lr)
         if on_epoch:
             on_epoch(row)
         if row["valid_loss"] < result.best_val_loss:
