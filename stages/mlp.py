@@ -31,11 +31,11 @@ def main(argv):
     cfg = params.mlp_variant(variant)
     name, target = params.data.ett.name, params.data.ett.target
     csv = ett_csv(name)
+    frame = ett.load_csv(csv, target)   # first: a clear error when the file is missing or malformed
     sha256, pin = file_digest(csv), params.data.ett.pins.get(name, "")
     if not pin:
         print(f"WARNING: data.ett.pins has no sha256 for {name}; using {csv} unverified "
               f"(sha256 {sha256}, recorded in the metrics).")
-    frame = ett.load_csv(csv, target)
     splits = ett.standardised_splits(frame, name, cfg.input_len, pred_len=cfg.pred_len)
     windows = {s: ett.windows(getattr(splits, s), cfg.input_len, cfg.pred_len) for s in ("train", "val", "test")}
     data = ForecastData.from_windows(windows, np.dtype(cfg.dtype))
