@@ -1,78 +1,124 @@
-"""Stage mlp@<variant>: train the numpy decomposition MLP forecaster on ETT and evaluate it on
-every stride-1 test window (MSE/MAE over windows, steps and channels, standardised units)."""
+"""Stage mlp@<variant>: train the numpy decomposition MLP forecaster on an ETT file (or any
+forecasting CSV) and evaluate it on every stride-1 test window (MSE/MAE over windows, steps and
+channels, standardised units).
 
-from dataclasses import asdict
+Seeds base.seed, base.seed+1, ... (mlp.seeds of them) each train the variant; the headline
+test_mse/test_mae are their means, with the std and every seed's numbers alongside.
+window_norm: auto trains every normalisation on the first seed and keeps the one with the lowest
+validation loss; the other seeds train that one. Test metrics are computed once per seed, for
+the selected model only, and choose nothing.
+"""
+
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import figures, params as P
 from pipeline.data import ett
+from pipeline.data.fetch import file_digest
 from pipeline.models.mlp_forecaster import predict
+from pipeline.outputs import write_csv, write_json
 from pipeline.paths import METRICS, MODELS, ett_csv
 from pipeline.runtime import run_stage, seed_everything
-from pipeline.outputs import write_csv, write_json
 from pipeline.tracking import Tracker
-from pipeline.train.forecaster import ForecastData, fit, scores
+from pipeline.train.forecaster import ForecastData, fit, fit_auto, scores
 
 
 def main(argv):
     (variant,) = argv
     params = P.load()
     cfg = params.mlp_variant(variant)
-    seed_everything(params.base.seed)
-    name = params.data.ett.name
-    frame = ett.load_csv(ett_csv(name))
-    splits = ett.standardised_splits(frame, name, cfg.input_len)
+    name, target = params.data.ett.name, params.data.ett.target
+    csv = ett_csv(name)
+    frame = ett.load_csv(csv, target)   # first: a clear error when the file is missing or malformed
+    sha256, pin = file_digest(csv), params.data.ett.pins.get(name, "")
+    if not pin:
+        print(f"WARNING: data.ett.pins has no sha256 for {name}; using {csv} unverified "
+              f"(sha256 {sha256}, recorded in the metrics).")
+    splits = ett.standardised_splits(frame, name, cfg.input_len, pred_len=cfg.pred_len)
     windows = {s: ett.windows(getattr(splits, s), cfg.input_len, cfg.pred_len) for s in ("train", "val", "test")}
     data = ForecastData.from_windows(windows, np.dtype(cfg.dtype))
     n_test_windows = len(windows["test"][0])
+    seeds = [params.base.seed + i for i in range(cfg.seeds)]
+    seed_everything(seeds[0])
 
     metrics_path, curve_path = METRICS / "mlp" / f"{variant}.json", METRICS / "mlp" / "curves" / f"{variant}.csv"
     figure_dir = Path("figures/mlp") / variant
-    with Tracker("mlp", f"mlp@{variant}", data_source=f"{name} (real)") as tracker:
-        tracker.params({"variant": variant, "dataset": name, "seed": params.base.seed, **asdict(cfg)})
-        result = fit(data, cfg, params.base.seed,
-                     on_epoch=lambda row: tracker.metrics({k: v for k, v in row.items() if k != "epoch"},
-                                                          step=row["epoch"]),
-                     label=f"mlp@{variant}")
-        pred = predict(result.params, data.x_test, cfg.kernel, cfg.window_norm)   # (windows*channels, P)
-        test = scores(pred, data.y_test)
-        metrics = {"test_mse": test["mse"], "test_mae": test["mae"], "best_val_loss": result.best_val_loss,
-                   "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-                   "n_test_windows": n_test_windows}
-        timing = {"train_seconds": round(result.seconds, 2)}
-        tracker.metrics({**metrics, **timing})
+    with Tracker("mlp", f"mlp@{variant}", data_source=f"{name} (real)", extra_tags={"data_sha256": sha256}) as tracker:
+        tracker.params({"variant": variant, "dataset": name, "target": target, "seed": seeds[0],
+                        "seed_list": seeds, "data_sha256": sha256, "data_pinned": bool(pin), **asdict(cfg)})
+        # The choice of normalisation: first seed, validation loss only.
+        chosen, candidates = fit_auto(data, cfg, seeds[0], label=f"mlp@{variant}")
+        results = {seeds[0]: candidates[chosen]}
+        for seed in seeds[1:]:
+            results[seed] = fit(data, replace(cfg, window_norm=chosen), seed,
+                                label=f"mlp@{variant} [{chosen}, seed {seed}]")
+        first = results[seeds[0]]
+        tracker.params({"window_norm_chosen": chosen})
+        for row in first.history:
+            tracker.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
-        model_path = MODELS / "mlp" / f"{variant}.npz"
+        per_seed, first_pred = {}, None
+        for seed, result in results.items():
+            pred = predict(result.params, data.x_test, cfg.kernel, chosen)   # (windows*channels, P)
+            first_pred = pred if first_pred is None else first_pred
+            test = scores(pred, data.y_test)
+            per_seed[str(seed)] = {"test_mse": test["mse"], "test_mae": test["mae"],
+                                   "best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
+                                   "epochs_run": len(result.history)}
+        mse = np.array([s["test_mse"] for s in per_seed.values()])
+        mae = np.array([s["test_mae"] for s in per_seed.values()])
+        ddof = 1 if len(seeds) > 1 else 0   # sample std over seeds
+        # The headline (git-tracked, in `dvc exp show`): the seed means and spreads; the rest apart.
+        metrics = {"test_mse": float(mse.mean()), "test_mae": float(mae.mean()),
+                   "test_mse_std": float(mse.std(ddof=ddof)), "test_mae_std": float(mae.std(ddof=ddof))}
+        details = {"best_val_loss": float(np.mean([r.best_val_loss for r in results.values()])),
+                   "best_epoch": first.best_epoch, "epochs_run": len(first.history),
+                   "n_test_windows": n_test_windows, "n_seeds": len(seeds),
+                   "window_norm": chosen,
+                   "window_norm_val_loss": {norm: r.best_val_loss for norm, r in candidates.items()},
+                   "per_seed": per_seed,
+                   "dataset": name, "data_sha256": sha256, "data_pinned": bool(pin)}
+        trained = [*candidates.values(), *(results[s] for s in seeds[1:])]   # every fit, once
+        timing = {"train_seconds": round(sum(r.seconds for r in trained), 2)}
+        tracker.metrics({**metrics, **{k: v for k, v in details.items() if not isinstance(v, (dict, bool, str))},
+                         **timing, **{f"val_loss_{norm}": v for norm, v in details["window_norm_val_loss"].items()},
+                         **{f"test_mse_seed{s}": v["test_mse"] for s, v in per_seed.items()}})
+
+        model_path = MODELS / "mlp" / f"{variant}.npz"   # the first seed's model
         model_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(model_path, **result.params)
+        np.savez(model_path, **first.params, window_norm=np.array(chosen))
         tracker.artifact(model_path, "model")
 
-        # Good / median / bad test windows by the OT channel's MSE.
-        ot = splits.columns.index(ett.TARGET)
-        x_ot, y_ot = windows["test"][0][:, ot], windows["test"][1][:, ot]
-        pred_ot = pred.reshape(n_test_windows, data.n_channels, -1)[:, ot]
-        errors = np.mean((pred_ot - y_ot) ** 2, axis=1)
+        # Good / median / bad test windows (first seed) by the target channel's MSE.
+        col = splits.columns.index(target)
+        x_col, y_col = windows["test"][0][:, col], windows["test"][1][:, col]
+        pred_col = first_pred.reshape(n_test_windows, data.n_channels, -1)[:, col]
+        errors = np.mean((pred_col - y_col) ** 2, axis=1)
         order = np.argsort(errors)
         for label, index in (("good", order[0]), ("median", order[len(order) // 2]), ("bad", order[-1])):
-            path = figures.forecast(x_ot[index], y_ot[index], pred_ot[index],
-                                    f"mlp@{variant}: {label} test window #{index} (OT MSE {errors[index]:.3f})",
+            path = figures.forecast(x_col[index], y_col[index], pred_col[index],
+                                    f"mlp@{variant}: {label} test window #{index} ({target} MSE {errors[index]:.3f})",
                                     figure_dir / f"prediction_{label}.png")
             tracker.artifact(path, "figures")
-        epochs = np.array([r["epoch"] for r in result.history])
-        loss_fig = figures.curves({k: (epochs, np.array([r[k] for r in result.history]))
-                                   for k in ("train_loss", "valid_loss", "test_loss")},
-                                  f"mlp@{variant}: loss per epoch", "epoch", "MSE (standardised)",
-                                  figure_dir / "loss.png")
+        epochs = np.array([r["epoch"] for r in first.history])
+        loss_fig = figures.curves({k: (epochs, np.array([r[k] for r in first.history]))
+                                   for k in ("train_loss", "valid_loss")},
+                                  f"mlp@{variant}: loss per epoch (seed {seeds[0]}, window_norm {chosen})",
+                                  "epoch", "MSE (standardised)", figure_dir / "loss.png")
         tracker.artifact(loss_fig, "figures")
 
-    write_csv(curve_path, result.history)
+    write_csv(curve_path, first.history)
     write_json(METRICS / "mlp" / f"{variant}.run.json", tracker.run_info())
     write_json(METRICS / "mlp" / f"{variant}.timing.json", timing)   # apart: the results stay bit-identical
+    write_json(METRICS / "mlp" / f"{variant}.details.json", details)
     write_json(metrics_path, metrics)
-    print(f"mlp@{variant}: test MSE {test['mse']:.4f} MAE {test['mae']:.4f} "
-          f"({n_test_windows} windows, best epoch {result.best_epoch}, {result.seconds:.1f}s)")
+    choice = ", ".join(f"{n} {v:.4f}" for n, v in details["window_norm_val_loss"].items())
+    print(f"mlp@{variant}: window_norm {chosen} (validation loss: {choice})")
+    print(f"mlp@{variant}: test MSE {metrics['test_mse']:.4f} ± {metrics['test_mse_std']:.4f} "
+          f"MAE {metrics['test_mae']:.4f} ± {metrics['test_mae_std']:.4f} over seeds {seeds} "
+          f"({n_test_windows} windows, {timing['train_seconds']:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def small_params() -> dict:
     p["data"]["images"].update(source="synthetic", size=32, synthetic_train=180, synthetic_val=54,
                                   synthetic_test=54)
     p["backprop"].update(epochs=2)
-    p["mlp"]["defaults"].update(epochs=2, hidden=32)
+    p["mlp"]["defaults"].update(epochs=2, hidden=32, seeds=2)
     p["mlp"]["variants"]["h1024"] = {"hidden": 48}
     p["mlp"]["variants"]["h2048"] = {"hidden": 64}
     p["cnn"]["defaults"].update(epochs=1, batch_size=32, eval_batch_size=64, log_every=2)

@@ -113,3 +113,76 @@ def test_standard_split_and_windows():
     x, y = ett.windows(splits.test, 96, 192)
     assert x.shape == (2689, 7, 96) and y.shape == (2689, 7, 192)
     assert np.array_equal(x[1, :, :95], x[0, :, 1:]) and np.array_equal(y[0, :, 0], splits.test[96])
+
+
+def test_ett_borders_are_the_12_4_4_month_split():
+    assert ett.split_borders("ETTh2", 17420, 96, 192) == {"train": (0, 8640), "val": (8544, 11520),
+                                                         "test": (11424, 14400)}
+    assert ett.split_borders("ETTm1", 69680, 96, 192) == {"train": (0, 34560), "val": (34464, 46080),
+                                                         "test": (45984, 57600)}
+
+
+def test_custom_borders_are_the_70_10_20_split():
+    # Time-Series-Library's Dataset_Custom: train int(0.7 n), test int(0.2 n), validation the rest.
+    assert ett.split_borders("weather", 1001, 24, 12) == {"train": (0, 700), "val": (676, 801), "test": (777, 1001)}
+    assert ett.split_borders("etth1_copy", 17420, 96) == {"train": (0, 12194), "val": (12098, 13936),
+                                                             "test": (13840, 17420)}
+
+
+@pytest.fixture
+def custom_csv(tmp_path):
+    """ETTh1's rows under other column names, with the target not last: any forecasting CSV."""
+    frame = ett.load_csv(SHARED_DATA / "ETTh1.csv").iloc[:3000]
+    frame = frame.rename(columns={"OT": "load", "HUFL": "a", "HULL": "b"})[["date", "load", "a", "b", "MUFL"]]
+    frame.to_csv(tmp_path / "grid.csv", index=False)
+    return tmp_path / "grid.csv"
+
+
+def test_custom_csv_is_split_70_10_20_and_standardised_on_train_rows_only(custom_csv):
+    frame = ett.load_csv(custom_csv, target="load")
+    splits = ett.standardised_splits(frame, "grid", 96, pred_len=48)
+    raw = frame.drop(columns="date").to_numpy()
+    assert splits.columns == ["load", "a", "b", "MUFL"]
+    assert np.allclose(splits.mean, raw[:2100].mean(0)) and np.allclose(splits.std, raw[:2100].std(0))
+    assert len(splits.train) == 2100 and len(splits.val) == 96 + 300 and len(splits.test) == 96 + 600
+    assert np.allclose(splits.val[96], (raw[2100] - splits.mean) / splits.std)   # first val target row
+    assert np.allclose(splits.test[-1], (raw[-1] - splits.mean) / splits.std)
+    x, y = ett.windows(splits.test, 96, 48)
+    assert x.shape == (600 - 48 + 1, 4, 96) and np.allclose(y[0, :, 0], splits.test[96])
+
+
+def test_custom_csv_without_the_target_column_names_it_and_the_param(custom_csv):
+    with pytest.raises(DataError, match=r"no 'OT' column \(the target, data.ett.target\).*'load'"):
+        ett.load_csv(custom_csv)
+
+
+def test_too_short_custom_series_names_the_split_and_the_way_out(custom_csv):
+    frame = ett.load_csv(custom_csv, target="load").iloc[:1000]   # val part: 100 rows < P=192
+    with pytest.raises(DataError, match=r"70/10/20 split.*the val part would have 196 rows.*mlp.input_len"):
+        ett.standardised_splits(frame, "grid", 96, pred_len=192)
+
+
+def _download(tmp_path, name, pins, mirror_file):
+    params = small_params()
+    params["data"]["ett"].update(name=name, pins=pins, url=CLOSED_PORT_URL)
+    repo = make_repo_copy(tmp_path / "repo", params)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / f"{name}.csv").write_bytes(mirror_file.read_bytes())
+    return repo, run(["python", "-m", "stages.download_ett"], repo, check=False, timeout=120, DATA_MIRROR=mirror)
+
+
+def test_unpinned_file_is_accepted_with_a_warning_naming_its_sha256(tmp_path):
+    repo, result = _download(tmp_path, "ETTh3", {"ETTh1": ETTH1_SHA256}, SHARED_DATA / "ETTh1.csv")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: no sha256 pin for ETTh3" in result.stdout and ETTH1_SHA256 in result.stdout
+    assert (repo / "data/raw/ETTh3.csv").exists()
+
+
+def test_pin_mismatch_names_the_file_and_the_pin(tmp_path):
+    wrong = "0" * 64
+    repo, result = _download(tmp_path, "ETTh2", {"ETTh2": wrong}, SHARED_DATA / "ETTh1.csv")
+    assert result.returncode == 2
+    assert "ETTh2.csv" in result.stderr and f"expected {wrong}" in result.stderr
+    assert "data.ett.pins.ETTh2" in result.stderr and "Traceback" not in result.stderr
+    assert not (repo / "data/raw/ETTh2.csv").exists()

@@ -7,7 +7,7 @@ import torch
 from pipeline.gradcheck import finite_differences, relative_error
 from pipeline.models import mlp_forecaster as model
 from pipeline.params import Mlp
-from pipeline.train.forecaster import ForecastData, evaluate, fit
+from pipeline.train.forecaster import NORMALISATIONS, ForecastData, evaluate, fit, fit_auto
 
 
 def test_moving_average_matches_a_naive_edge_padded_loop():
@@ -21,12 +21,15 @@ def test_moving_average_matches_a_naive_edge_padded_loop():
 def _problem(window_norm, seed=0):
     rng = np.random.default_rng(seed)
     params = {k: v.astype(np.float64) for k, v in model.init_params(12, 9, 5, rng).items()}
-    for k in params:   # non-trivial biases and trend weights so every path carries gradient
+    if window_norm == "revin":   # 3 channels: the 6 rows are 2 windows x 3 channels
+        params.update({k: v.astype(np.float64) for k, v in model.init_revin(3).items()})
+    for k in params:   # non-trivial biases, trend and affine weights so every path carries gradient
         params[k] = params[k] + rng.normal(0, 0.1, params[k].shape)
-    return params, rng.normal(size=(6, 12)), rng.normal(size=(6, 5))
+    # Offset and scaled inputs: normalisation must matter.
+    return params, 2.0 + 3.0 * rng.normal(size=(6, 12)), rng.normal(size=(6, 5))
 
 
-@pytest.mark.parametrize("window_norm", ["none", "last", "mean"])
+@pytest.mark.parametrize("window_norm", ["none", "last", "mean", "revin"])
 def test_gradients_pass_finite_differences(window_norm):
     params, x, y = _problem(window_norm)
     pred, cache = model.forward(params, x, 5, window_norm)
@@ -80,3 +83,59 @@ def test_divergence_is_reported_with_the_way_out():
     with pytest.raises(FloatingPointError, match="lower mlp.lr"):
         fit(ForecastData.from_windows(windows, np.float32), Mlp(input_len=8, pred_len=4, kernel=3, hidden=8,
                                                                 lr=1e6, clip_norm=0.0), seed=0)
+
+
+def test_revin_is_invariant_to_each_windows_offset_and_scale():
+    """The RevIN model's prediction moves with the input window: y(a x + c) = a y(x) + c per row."""
+    params, x, _ = _problem("revin", seed=2)
+    pred = model.forward(params, x, 5, "revin")[0]
+    scale, shift = np.array([2.0, 0.5, 3.0] * 2)[:, None], np.arange(6.0)[:, None]
+    moved = model.forward(params, x * scale + shift, 5, "revin")[0]
+    assert np.allclose(moved, pred * scale + shift, atol=1e-4)
+
+
+def test_predict_chunks_whole_windows_for_revin():
+    params, x, _ = _problem("revin", seed=3)
+    x = np.tile(x, (5, 1))   # 30 rows = 10 windows of 3 channels
+    assert np.allclose(model.predict(params, x, 5, "revin", chunk=8), model.forward(params, x, 5, "revin")[0])
+
+
+def _sine_data(n=1200, channels=2, level=None, seed=0):
+    t = np.arange(n)
+    rng = np.random.default_rng(seed)
+    series = np.sin(2 * np.pi * t / 24)[:, None] + 0.05 * rng.normal(size=(n, channels))
+    if level is not None:
+        series = series + level[:, None]
+    cut = [int(n * 0.6), int(n * 0.8)]
+    view = lambda part: np.lib.stride_tricks.sliding_window_view(part, 36, axis=0)   # noqa: E731
+    windows = {s: (view(part)[:, :, :24].copy(), view(part)[:, :, 24:].copy())
+               for s, part in (("train", series[:cut[0]]), ("val", series[cut[0]:cut[1]]), ("test", series[cut[1]:]))}
+    return ForecastData.from_windows(windows, np.float32)
+
+
+def test_auto_keeps_the_lowest_validation_loss_and_never_reads_test():
+    data = _sine_data()
+    data.x_test = data.y_test = None   # the choice must not touch the test split
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=2, weight_decay=0.0, window_norm="auto")
+    chosen, results = fit_auto(data, cfg, seed=0)
+    assert set(results) == set(NORMALISATIONS)
+    assert results[chosen].best_val_loss == min(r.best_val_loss for r in results.values())
+    assert all("test_loss" not in row for r in results.values() for row in r.history)
+    assert "rv_w" in results["revin"].params and "rv_w" not in results["none"].params
+
+
+def test_auto_picks_a_window_normalisation_when_the_level_drifts():
+    """A level that keeps rising past the train range: only per-window normalisation can follow it."""
+    n = 1200
+    data = _sine_data(n, level=np.linspace(0, 12, n))
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=3, weight_decay=0.0, window_norm="auto")
+    chosen, results = fit_auto(data, cfg, seed=0)
+    assert chosen != "none", {k: r.best_val_loss for k, r in results.items()}
+    assert results["none"].best_val_loss > 2 * results[chosen].best_val_loss
+
+
+def test_a_fixed_window_norm_trains_only_that_one():
+    data = _sine_data(600)
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=8, epochs=1, window_norm="revin")
+    chosen, results = fit_auto(data, cfg, seed=0)
+    assert chosen == "revin" and list(results) == ["revin"]

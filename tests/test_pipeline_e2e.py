@@ -18,7 +18,8 @@ CNN_RUNS = [*small_params()["cnn"]["experiments"], *small_params()["cnn"]["ablat
 def test_every_stage_wrote_its_metrics(pipeline_repo):
     for variant in MLP_VARIANTS:
         metrics = json.loads((pipeline_repo / f"metrics/mlp/{variant}.json").read_text())
-        assert metrics["n_test_windows"] == 2689          # every stride-1 test window, none dropped
+        details = json.loads((pipeline_repo / f"metrics/mlp/{variant}.details.json").read_text())
+        assert details["n_test_windows"] == 2689          # every stride-1 test window, none dropped
         assert 0 < metrics["test_mse"] < 2 and 0 < metrics["test_mae"] < 2
     for name in CNN_RUNS:
         metrics = json.loads((pipeline_repo / f"metrics/cnn/{name}.json").read_text())

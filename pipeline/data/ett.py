@@ -1,4 +1,9 @@
-"""ETT-format CSVs (date column + numeric columns): validation, the standard split, windows."""
+"""Forecasting CSVs (a `date` column plus numeric columns): validation, splits, windows.
+
+ETT files (names ETTh*, ETTm*) use the split every ETT paper uses (12/4/4 months); any other CSV
+uses the 70/10/20 chronological split that forecasting libraries use for custom data
+(Time-Series-Library's Dataset_Custom: train int(0.7 n), test int(0.2 n), validation the rest).
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,26 @@ import pandas as pd
 
 from pipeline.errors import DataError
 
-TARGET = "OT"
+TARGET = "OT"   # the default target column (params: data.ett.target)
 
 
-def load_csv(path: Path) -> pd.DataFrame:
-    """Read and validate an ETT CSV: a `date` column, then numeric columns ending with OT, no NaNs."""
+def is_ett(name: str) -> bool:
+    return name.startswith(("ETTh", "ETTm"))
+
+
+def load_csv(path: Path, target: str = TARGET) -> pd.DataFrame:
+    """Read and validate a forecasting CSV: a `date` column first, numeric columns including the
+    target, no NaNs."""
     try:
         frame = pd.read_csv(path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a readable CSV ({error}). Delete it and re-run the download stage.") from None
     way_out = f"Delete {path} and re-run `dvc repro download_ett` (or point DATA_MIRROR at a good copy)."
-    if frame.columns.empty or frame.columns[0] != "date" or TARGET not in frame.columns:
-        raise DataError(f"{path}: expected a 'date' column first and an '{TARGET}' column, got "
-                        f"columns {list(frame.columns)}. {way_out}")
+    if frame.columns.empty or frame.columns[0] != "date":
+        raise DataError(f"{path}: expected a 'date' column first, got columns {list(frame.columns)}. {way_out}")
+    if target not in frame.columns[1:]:
+        raise DataError(f"{path}: no '{target}' column (the target, data.ett.target); the columns are "
+                        f"{list(frame.columns[1:])}. Set data.ett.target to one of them.")
     values = frame.drop(columns="date")
     non_numeric = [c for c in values.columns if not pd.api.types.is_numeric_dtype(values[c])]
     if non_numeric:
@@ -34,18 +46,31 @@ def load_csv(path: Path) -> pd.DataFrame:
     return frame
 
 
-def split_borders(name: str, n_rows: int, input_len: int) -> dict[str, tuple[int, int]]:
-    """The split every ETT paper uses: 12/4/4 months; val and test start L rows early so their
-    first window's target begins right at the split boundary."""
-    month = 30 * 24 * (4 if name.startswith("ETTm") else 1)
-    train_end, val_end, test_end = 12 * month, 16 * month, 20 * month
-    if n_rows < test_end:
-        raise DataError(f"{name}: has {n_rows} rows, the standard split needs {test_end}. "
-                        "Delete the file and re-run the download stage.")
-    if input_len >= train_end - 4 * month:
-        raise DataError(f"window length {input_len} is too long for the {name} split")
-    return {"train": (0, train_end), "val": (train_end - input_len, val_end),
-            "test": (val_end - input_len, test_end)}
+def split_borders(name: str, n_rows: int, input_len: int, pred_len: int = 0) -> dict[str, tuple[int, int]]:
+    """Row ranges [start, end) of train / val / test. Val and test start `input_len` rows early so
+    their first window's target begins right at the split boundary. Every split must hold at least
+    one window of input_len + pred_len rows."""
+    if is_ett(name):
+        # The split every ETT paper uses: 12/4/4 months of hourly (ETTh) or 15-minute (ETTm) rows.
+        month = 30 * 24 * (4 if name.startswith("ETTm") else 1)
+        train_end, val_end, test_end = 12 * month, 16 * month, 20 * month
+        if n_rows < test_end:
+            raise DataError(f"{name}: has {n_rows} rows, the standard split needs {test_end}. "
+                            "Delete the file and re-run the download stage.")
+        rule = "the 12/4/4-month ETT split"
+    else:
+        n_train, n_test = int(n_rows * 0.7), int(n_rows * 0.2)
+        train_end, val_end, test_end = n_train, n_rows - n_test, n_rows
+        rule = "the 70/10/20 split"
+    borders = {"train": (0, train_end), "val": (train_end - input_len, val_end),
+               "test": (val_end - input_len, test_end)}
+    need = input_len + max(pred_len, 1)
+    for split, (start, end) in borders.items():
+        if end - start < need:   # train is checked first, so val/test never start below row 0
+            raise DataError(f"{name}: {n_rows} rows are too short for {rule} with input_len={input_len}, "
+                            f"pred_len={pred_len}: the {split} part would have {end - start} rows, a window needs "
+                            f"{need}. Use a longer series or smaller mlp.input_len / mlp.pred_len.")
+    return borders
 
 
 @dataclass
@@ -58,13 +83,18 @@ class Splits:
     columns: list[str]
 
 
-def standardised_splits(frame: pd.DataFrame, name: str, input_len: int, dtype=np.float64) -> Splits:
-    """Split by the standard borders and standardise with the train rows' mean and std."""
+def standardised_splits(frame: pd.DataFrame, name: str, input_len: int, dtype=np.float64,
+                        pred_len: int = 0) -> Splits:
+    """Split by the borders above and standardise with the train rows' mean and std only."""
     values = frame.drop(columns="date").to_numpy(dtype=np.float64)
-    borders = split_borders(name, len(values), input_len)
+    borders = split_borders(name, len(values), input_len, pred_len)
     train_start, train_end = borders["train"]
     mean = values[train_start:train_end].mean(axis=0)
     std = values[train_start:train_end].std(axis=0)
+    constant = [c for c, s in zip(frame.columns[1:], std) if s == 0]
+    if constant:
+        raise DataError(f"{name}: columns {constant} are constant over the train rows (std 0); "
+                        "drop them from the CSV.")
     scaled = ((values - mean) / std).astype(dtype)
     parts = {split: scaled[a:b] for split, (a, b) in borders.items()}
     return Splits(**parts, mean=mean, std=std, columns=list(frame.columns[1:]))

@@ -33,6 +33,14 @@ def init_params(input_len: int, hidden: int, pred_len: int, rng: np.random.Gener
             "t_b2": np.zeros(pred_len, dtype)}
 
 
+def init_revin(n_channels: int, dtype=np.float32) -> dict:
+    """RevIN's learnable per-channel affine map, starting as the identity."""
+    return {"rv_w": np.ones(n_channels, dtype), "rv_b": np.zeros(n_channels, dtype)}
+
+
+REVIN_EPS = 1e-5
+
+
 def normalise(x: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-window normalisation: subtract the window's last value or mean (added back later)."""
     if mode == "none":
@@ -41,24 +49,60 @@ def normalise(x: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     return x - offset, offset
 
 
-def forward(params: dict, x: np.ndarray, kernel: int, window_norm: str = "none"):
-    """Prediction (rows, P) and the cache the backward pass needs."""
-    x, offset = normalise(x, window_norm)
+def _decomposed_mlps(params: dict, x: np.ndarray, kernel: int, cache: dict):
     trend = moving_average(x, kernel)
-    seasonal = x - trend
-    cache = {}
-    out = offset.copy() if window_norm != "none" else 0.0
-    for part, inputs in (("s", seasonal), ("t", trend)):
+    out = 0.0
+    for part, inputs in (("s", x - trend), ("t", trend)):
         pre = inputs @ params[f"{part}_w1"] + params[f"{part}_b1"]
         hidden = np.maximum(pre, 0)
         out = out + hidden @ params[f"{part}_w2"] + params[f"{part}_b2"]
         cache[part] = (inputs, hidden)
-    return out, cache
+    return out
+
+
+def forward(params: dict, x: np.ndarray, kernel: int, window_norm: str = "none"):
+    """Prediction (rows, P) and the cache the backward pass needs.
+
+    revin (Kim et al., 2022): each row is standardised by its own mean/std, then mapped by a learnt
+    per-channel affine (rv_w, rv_b); the output goes through the inverse map. Rows are (window,
+    channel) pairs in window-major order, so x must hold whole windows (rows % channels == 0).
+    """
+    cache = {"window_norm": window_norm, "kernel": kernel}
+    if window_norm != "revin":
+        x, offset = normalise(x, window_norm)
+        out = _decomposed_mlps(params, x, kernel, cache)
+        return (out + offset if window_norm != "none" else out), cache
+    channels = len(params["rv_w"])
+    weight = np.tile(params["rv_w"], len(x) // channels)[:, None]   # (rows, 1)
+    bias = np.tile(params["rv_b"], len(x) // channels)[:, None]
+    mean = x.mean(axis=-1, keepdims=True)
+    std = np.sqrt(x.var(axis=-1, keepdims=True) + REVIN_EPS)
+    x_hat = (x - mean) / std
+    z = _decomposed_mlps(params, x_hat * weight + bias, kernel, cache)
+    scale = std / (weight + REVIN_EPS ** 2)
+    cache["revin"] = (x_hat, z, bias, scale)
+    return (z - bias) * scale + mean, cache
+
+
+def _moving_average_matrix(length: int, kernel: int, dtype) -> np.ndarray:
+    """M with moving_average(x) == x @ M (the decomposition is linear in its input)."""
+    return moving_average(np.eye(length, dtype=dtype), kernel)
 
 
 def backward(params: dict, cache: dict, d_out: np.ndarray) -> dict:
     """Gradients of the loss for every parameter, given d loss / d prediction (rows, P)."""
     grads = {}
+    revin = cache["window_norm"] == "revin"
+    if revin:
+        x_hat, z, bias, scale = cache["revin"]
+        d_z = d_out * scale
+        channels = len(params["rv_w"])
+        # Output side: y = (z - b) * std / (w + eps^2) + mean.
+        d_w_rows = -np.sum(d_out * (z - bias) * scale, axis=-1) / (np.tile(params["rv_w"], len(z) // channels)
+                                                                   + REVIN_EPS ** 2)
+        d_b_rows = -np.sum(d_z, axis=-1)
+        d_out = d_z
+    d_inputs = {}
     for part in ("s", "t"):
         inputs, hidden = cache[part]
         grads[f"{part}_w2"] = hidden.T @ d_out
@@ -66,6 +110,16 @@ def backward(params: dict, cache: dict, d_out: np.ndarray) -> dict:
         d_pre = (d_out @ params[f"{part}_w2"].T) * (hidden > 0)   # ReLU'
         grads[f"{part}_w1"] = inputs.T @ d_pre
         grads[f"{part}_b1"] = d_pre.sum(axis=0)
+        if revin:
+            d_inputs[part] = d_pre @ params[f"{part}_w1"].T
+    if revin:
+        # Input side: the MLPs see u = x_hat * w + b through seasonal = u - MA(u), trend = MA(u).
+        ma = _moving_average_matrix(x_hat.shape[-1], cache["kernel"], x_hat.dtype)
+        d_u = d_inputs["s"] + (d_inputs["t"] - d_inputs["s"]) @ ma.T
+        d_w_rows = d_w_rows + np.sum(d_u * x_hat, axis=-1)
+        d_b_rows = d_b_rows + np.sum(d_u, axis=-1)
+        grads["rv_w"] = d_w_rows.reshape(-1, channels).sum(axis=0).astype(params["rv_w"].dtype)
+        grads["rv_b"] = d_b_rows.reshape(-1, channels).sum(axis=0).astype(params["rv_b"].dtype)
     return grads
 
 
@@ -76,6 +130,8 @@ def mse_grad(pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def predict(params: dict, x: np.ndarray, kernel: int, window_norm: str, chunk: int = 8192) -> np.ndarray:
-    """Predictions for many rows, in chunks to bound memory."""
+    """Predictions for many rows, in chunks (of whole windows) to bound memory."""
+    if window_norm == "revin":
+        chunk -= chunk % len(params["rv_w"])
     return np.concatenate([forward(params, x[i:i + chunk], kernel, window_norm)[0]
                            for i in range(0, len(x), chunk)])

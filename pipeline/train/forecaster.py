@@ -1,11 +1,12 @@
 """Training the numpy forecaster: mini-batch SGD (optionally momentum) with weight decay, the
 learning rate multiplied by `lr_decay` after every epoch, early stopping on validation loss with
-the best-validation weights kept."""
+the best-validation weights kept. `window_norm: auto` trains every normalisation and keeps the one
+with the lowest validation loss; the test split is never looked at during training or choosing."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -58,7 +59,11 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
         label: str = "mlp") -> FitResult:
     rng = np.random.default_rng(seed)
     dtype = np.dtype(cfg.dtype)
+    if cfg.window_norm == "auto":
+        raise ValueError("fit() trains one normalisation; use fit_auto() for window_norm: auto")
     params = model.init_params(cfg.input_len, cfg.hidden, cfg.pred_len, rng, dtype)
+    if cfg.window_norm == "revin":
+        params.update(model.init_revin(data.n_channels, dtype))
     velocity = {k: np.zeros_like(v) for k, v in params.items()}
     result = FitResult(params={k: v.copy() for k, v in params.items()})
     n_windows = len(data.x_train) // data.n_channels
@@ -97,8 +102,7 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {losses[-1]}); "
                                      f"lower mlp.lr (now {cfg.lr})")
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-               "valid_loss": evaluate(params, data.x_val, data.y_val, cfg)["mse"],
-               "test_loss": evaluate(params, data.x_test, data.y_test, cfg)["mse"], "lr": lr}
+               "valid_loss": evaluate(params, data.x_val, data.y_val, cfg)["mse"], "lr": lr}
         result.history.append(row)
         progress.epoch_line(epoch, cfg.epochs, time.perf_counter() - epoch_start, prefix=label,
                             train_loss=row["train_loss"], valid_loss=row["valid_loss"], lr=lr)
@@ -114,3 +118,16 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
         lr *= cfg.lr_decay
     result.seconds = time.perf_counter() - start
     return result
+
+
+NORMALISATIONS = ("none", "last", "mean", "revin")   # the candidates of window_norm: auto
+
+
+def fit_auto(data: ForecastData, cfg: Mlp, seed: int, label: str = "mlp") -> tuple[str, dict[str, FitResult]]:
+    """Train one model per normalisation (same seed) and return the one with the lowest best
+    validation loss, with every candidate's result. A fixed window_norm trains just that one."""
+    candidates = NORMALISATIONS if cfg.window_norm == "auto" else (cfg.window_norm,)
+    results = {norm: fit(data, replace(cfg, window_norm=norm), seed, label=f"{label} [{norm}, seed {seed}]")
+               for norm in candidates}
+    chosen = min(results, key=lambda norm: results[norm].best_val_loss)
+    return chosen, results
