@@ -25,7 +25,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from pipeline import params as P, progress
+from pipeline import devices, params as P, progress
 from pipeline.models import cnn
 from pipeline.params import Cnn
 from pipeline.train import augment, cnn_loop
@@ -144,7 +144,7 @@ def main():
     parser.add_argument("--models", default="resnet18,densenet121")
     args = parser.parse_args()
 
-    device = cnn_loop.resolve_device("auto")
+    device = devices.resolve_device("auto")
     params = P.load()
     batch = params.cnn_experiment("resnet18").batch_size
     n = REAL_COUNTS["train"] if args.full else 2048

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from bench import cnn_throughput
-from pipeline import params as P, progress
+from pipeline import devices, params as P, progress
 from pipeline.models import mlp_forecaster
 from pipeline.paths import ett_csv
 from pipeline.train import cnn_loop
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     params = P.load(root / "params.yaml")
     raw = yaml.safe_load((root / "params.yaml").read_text())
     stages = stale_stages(root, args.targets)
-    device = cnn_loop.resolve_device(params.base.device)
+    device = devices.resolve_device(params.base.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     if not stages:
         print("dvc repro would run nothing: every stage is up to date")

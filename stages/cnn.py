@@ -76,7 +76,8 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
         result = cnn_loop.train(model, splits, cfg, params.base.seed,
                                 tracker.metrics if tracker else (lambda metrics, step: None),
                                 checkpoint_dir=checkpoint_dir(name), data_source=data.source,
-                                code_files=CODE_FILES, world=world)
+                                code_files=CODE_FILES, world=world,
+                                label=f"{'ablation' if name in params.cnn.ablations else 'cnn'}@{name}")
         if not world.is_main:
             return
         test, scores = cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)

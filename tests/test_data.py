@@ -4,7 +4,6 @@ import hashlib
 
 import numpy as np
 import pytest
-import yaml
 
 from conftest import SHARED_DATA, make_repo_copy, run, small_params
 from pipeline.data import ett

@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SHARED_DATA, VENV_BIN, dvc, env, make_repo_copy, run, small_params
+from conftest import SHARED_DATA, dvc, env, make_repo_copy, run, small_params
 
 QUEUED = {"q-e1-lr1": (1, 0.1), "q-e2-lr1": (2, 0.1), "q-e1-lr2": (1, 0.2), "q-e2-lr2": (2, 0.2)}
 

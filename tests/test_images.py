@@ -2,7 +2,6 @@
 the per-task loss and metrics, grayscale stems and upsampling, and a real-image run (sklearn digits)."""
 
 import time
-from dataclasses import replace
 
 import numpy as np
 import pytest

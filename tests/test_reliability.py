@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SHARED_DATA, VENV_BIN, dvc, env, make_repo_copy, run, small_params
+from conftest import REPO, VENV_BIN, dvc, env, make_repo_copy, run, small_params
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 

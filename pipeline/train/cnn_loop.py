@@ -16,13 +16,14 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from pipeline import progress
 from pipeline.data.images import ImageSet
 from pipeline.errors import StageError
 from pipeline.models.cnn import resize_batch
@@ -192,9 +193,26 @@ def fingerprint(cfg: Cnn, seed: int, splits: dict[str, DeviceSplit], data_source
                                      sort_keys=True).encode()).hexdigest()
 
 
+def projection(model, splits: dict[str, DeviceSplit], cfg: Cnn, label: str, seconds_per_step: float,
+               steps_per_epoch: int, epochs_left: int) -> str:
+    """The projected time of the rest of the stage, from the timed steps and one timed
+    evaluation batch (eval mode: no state changes, no random numbers drawn)."""
+    val = splits["val"]
+    k = min(cfg.eval_batch_size, len(val.labels))
+    start = time.perf_counter()
+    predict(model, replace(val, images=val.images[:k], labels=val.labels[:k], labels_np=val.labels_np[:k]),
+            cfg.eval_batch_size)
+    eval_seconds = (time.perf_counter() - start) / k
+    total, per_epoch, detail = progress.cnn_projection(seconds_per_step, eval_seconds, steps_per_epoch, epochs_left,
+                                                       cfg.log_every, len(val.labels), len(splits["test"].labels))
+    return progress.projection_message(label, val.device.type, total, detail, on_cpu=val.device.type == "cpu",
+                                       seconds_per_epoch=per_epoch, steps_per_epoch=steps_per_epoch,
+                                       epochs=epochs_left, size=val.size or val.images.shape[1])
+
+
 def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed: int,
           log: Callable[[dict, int], None], checkpoint_dir: Path | None = None, data_source: str = "",
-          code_files=(), world: World = SINGLE) -> TrainResult:
+          code_files=(), world: World = SINGLE, label: str = "cnn") -> TrainResult:
     """Train on `splits` (from `to_device`), keep the best-validation weights in `model`.
 
     With `checkpoint_dir`, a checkpoint named by the run's fingerprint is written there after every
@@ -239,18 +257,28 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             print(f"{checkpoint} is from another configuration; starting afresh")
 
     model.train()
+    # Progress bars, the projected time and epoch lines (one process prints them under torchrun).
+    timer = progress.StepTimer(steps_per_epoch, sync=torch.cuda.synchronize if device.type == "cuda" else lambda: None)
     for epoch in range(start_epoch, cfg.epochs + 1):
         # The logged train loss averages the steps since the last log within this epoch, so a
         # run resumed at an epoch boundary logs exactly what an uninterrupted run logs.
         running, running_n = 0.0, 0
         order = torch.randperm(n, device=device, generator=generator)
-        tick = time.perf_counter()
+        tick = epoch_start = time.perf_counter()
+        bar = progress.bar(steps_per_epoch, f"{label} epoch {epoch}/{cfg.epochs}", items_per_step=cfg.batch_size,
+                           **({} if world.is_main else {"disable": True}))
         for i in range(steps_per_epoch):
+            timer.begin()
             index = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             x = augment.apply(train_split.batch(index), cfg.augment, cfg.rotation_degrees, generator,
                               cfg.rotation_interpolation)
             mine = distributed.shard(len(index), world, device)   # all positions in one process
             loss = train_step(net, optimizer, x[mine], train_split.labels[index][mine], train_split.task)
+            seconds_per_step = timer.end()
+            if seconds_per_step is not None and world.is_main:
+                progress.say(projection(model, splits, cfg, label, seconds_per_step, steps_per_epoch,
+                                        cfg.epochs - epoch + 1))
+            bar.step(loss)
             step += 1
             result.images_seen += len(index)
             running += loss.detach()
@@ -269,8 +297,13 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
         if device.type == "cuda":
             torch.cuda.synchronize()
         result.train_seconds += time.perf_counter() - tick
+        bar.close()
+        lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val, _ = evaluate(model, val_split, cfg.eval_batch_size)
+        if world.is_main:
+            progress.epoch_line(epoch, cfg.epochs, time.perf_counter() - epoch_start, prefix=label,
+                                train_loss=bar.mean_loss, val_auc=val["auc"], val_acc=val["acc"], lr=lr)
         log({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"]}, step)
         if val[cfg.select_by] > result.best_val[cfg.select_by]:
             result.best_val, result.best_epoch = val, epoch
