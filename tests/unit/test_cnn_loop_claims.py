@@ -240,7 +240,7 @@ def test_train_step_is_one_optimizer_step_on_the_cross_entropy():
 
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_path):
     cfg = _cfg(epochs=3, select_by="acc")
-    straight_model, straight, _ = _train(cfg, checkpoint=tmp_path / "a.pt")
+    straight_model, straight, _ = _train(cfg, checkpoint_dir=tmp_path / "a")
 
     class Stop(Exception):
         pass
@@ -254,17 +254,17 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_p
                 raise Stop
 
     with pytest.raises(Stop):
-        cnn_loop.train(Scripted(), _splits(), cfg, 0, stop_in_epoch_3, checkpoint=tmp_path / "b.pt")
-    model, resumed, _ = _train(replace(cfg, resume=True), checkpoint=tmp_path / "b.pt")
+        cnn_loop.train(Scripted(), _splits(), cfg, 0, stop_in_epoch_3, checkpoint_dir=tmp_path / "b")
+    model, resumed, _ = _train(replace(cfg, resume=True), checkpoint_dir=tmp_path / "b")
     assert resumed.resumed_from == 2 and len(model.train_inputs) == 1
     assert resumed.best_epoch == straight.best_epoch == 2 and resumed.best_val == straight.best_val
     assert int(model.steps) == int(straight_model.steps) == 2
     assert resumed.images_seen == straight.images_seen == 12
     # Another configuration does not resume.
-    other, fresh, _ = _train(replace(cfg, resume=True, lr=0.2), checkpoint=tmp_path / "b.pt")
+    other, fresh, _ = _train(replace(cfg, resume=True, lr=0.2), checkpoint_dir=tmp_path / "b")
     assert fresh.resumed_from == 0 and len(other.train_inputs) == 3
     # Without resume the checkpoint is ignored.
-    assert _train(cfg, checkpoint=tmp_path / "b.pt")[1].resumed_from == 0
+    assert _train(cfg, checkpoint_dir=tmp_path / "b")[1].resumed_from == 0
 
 
 def test_fingerprint_ignores_only_resume_eval_batch_and_log_every():

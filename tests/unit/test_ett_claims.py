@@ -52,10 +52,12 @@ def test_a_file_with_exactly_twenty_months_is_enough_and_one_row_less_is_refused
         ett.split_borders("ETTm1", 57599, 96)
 
 
-def test_input_len_must_be_shorter_than_eight_months():
-    assert ett.split_borders("ETTh1", 14400, 8 * HOUR_MONTH - 1)["val"] == (2881, 11520)
-    with pytest.raises(DataError, match="window length 5760 is too long for the ETTh1 split"):
-        ett.split_borders("ETTh1", 14400, 8 * HOUR_MONTH)
+def test_a_window_must_fit_in_every_split():
+    assert ett.split_borders("ETTh1", 14400, 12 * HOUR_MONTH - 1)["val"] == (1, 11520)
+    with pytest.raises(DataError, match="the train part would have 8640 rows, a window needs 8641"):
+        ett.split_borders("ETTh1", 14400, 12 * HOUR_MONTH)
+    with pytest.raises(DataError, match="the val part would have 2976 rows, a window needs 2977"):
+        ett.split_borders("ETTh1", 14400, 96, pred_len=2881)
 
 
 def test_standardisation_uses_the_train_rows_only():
@@ -120,7 +122,7 @@ def test_load_csv_accepts_a_good_file_and_refuses_bad_ones(tmp_path):
     cases = {
         "nodate": (good.rename(columns={"date": "time"}), "expected a 'date' column first.*Delete .*nodate.csv and "
                    r"re-run `dvc repro download_ett` \(or point DATA_MIRROR at a good copy\)\."),
-        "noot": (good.rename(columns={"OT": "target"}), "and an 'OT' column"),
+        "noot": (good.rename(columns={"OT": "target"}), "no 'OT' column \\(the target, data.ett.target\\)"),
         "text": (good.assign(c0="x"), r"columns \['c0'\] are not numeric"),
         "nan": (good.assign(c1=[np.nan] * 2 + [1.0] * 28), r"2 rows have missing values in \['c1'\]"),
     }
