@@ -48,6 +48,7 @@ def main(argv):
     with Tracker("mlp", f"mlp@{variant}", data_source=f"{name} (real)", extra_tags={"data_sha256": sha256}) as tracker:
         tracker.params({"variant": variant, "dataset": name, "target": target, "seed": seeds[0],
                         "seed_list": seeds, "data_sha256": sha256, "data_pinned": bool(pin), **asdict(cfg)})
+        tracker.dataset(name, str(csv.resolve()), sha256, {s: len(windows[s][0]) for s in windows})
         # The choice of normalisation: first seed, validation loss only.
         chosen, candidates = fit_auto(data, cfg, seeds[0], label=f"mlp@{variant}")
         results = {seeds[0]: candidates[chosen]}

@@ -85,7 +85,9 @@ def pipeline_repo(tmp_path_factory, local_densenet_weights) -> Path:
     params = small_params()
     params["cnn"]["experiments"]["finetune"]["weights_file"] = str(local_densenet_weights)
     repo = make_repo_copy(tmp_path_factory.mktemp("e2e"), params)
-    run([str(Path(VENV_BIN) / "dvc"), "exp", "run", "-n", "e2e"], repo, timeout=1800)
+    # System metrics every second: the tiny stages finish in seconds (the UI test reads them).
+    run([str(Path(VENV_BIN) / "dvc"), "exp", "run", "-n", "e2e"], repo, timeout=1800,
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL=1)
     return repo
 
 

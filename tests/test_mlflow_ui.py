@@ -1,0 +1,72 @@
+"""The MLflow UI, in a real browser, on the store the end-to-end pipeline run wrote: a CNN run's
+System metrics tab shows CPU and memory series (MLflow's own system-metrics logging)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, VENV_BIN, env
+
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(pipeline_repo):
+    """`mlflow ui` as the README starts it, on the e2e store, stopped by PID."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(VENV_BIN) / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{pipeline_repo / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=pipeline_repo, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"mlflow ui did not start: {server.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_system_metrics_tab_of_a_cnn_run_shows_cpu_and_memory(pipeline_repo, mlflow_ui):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: `make test` installs it (Debian package chromium)")
+        pytest.skip("chromium not installed (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("part3-classification")
+    run_ = next(r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["stage"] == "resnet18")
+    metrics = set(run_.data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= metrics, metrics
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{run_.info.run_id}/system-metrics")
+        for series in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+            page.get_by_text(series).first.wait_for(timeout=60_000)   # the chart's title
+        page.screenshot(path=str(ARTIFACTS / "mlflow_system_metrics.png"))
+        browser.close()
