@@ -67,7 +67,7 @@ def test_direction_labels_are_balanced_on_every_split():
 
 @pytest.mark.parametrize("key,value,message", [
     ("window", 5000, "exceeds the 2880 rows of ETTh1's validation period"),
-    ("classes", 1, "backprop.classes: 1 must be 2 or 3"),
+    ("classes", 1, "backprop.classes: 1 is not allowed; choose one of: 2, 3"),
     ("lr", -0.1, "backprop.lr: -0.1 must be positive"),
 ])
 def test_bad_params_stop_before_any_work(tmp_path, key, value, message):
