@@ -16,7 +16,7 @@ CNN_RUNS = [*PARAMS["cnn"]["experiments"], *PARAMS["cnn"]["ablations"]]
 ARTIFACTS = REPO / "test-artifacts"
 
 
-OUR_COLUMNS = ("our MSE", "our MAE", "our AUC", "our ACC", "MSE", "MAE")
+OUR_COLUMNS = ("our MSE", "our MAE", "our AUC", "our ACC", "MSE", "MAE", "AUC", "ACC")
 
 
 def table_rows(markdown_text: str) -> list[tuple[str, dict[str, str]]]:
