@@ -14,7 +14,7 @@ def main(argv):
     report = Report(params)
     text = report.build(git_commit())
     if report.missing and not params.report.allow_missing:
-        raise StageError("results are missing: " + ", ".join(report.missing) + ". Run the stages that "
+        raise StageError("results are missing or incomplete: " + ", ".join(report.missing) + ". Run the stages that "
                          "write them (`dvc repro`), or build a partial report with "
                          "`dvc exp run -S report.allow_missing=true report`.")
     write_text(OUT / "report.md", text)

@@ -16,7 +16,7 @@ CNN_RUNS = [*PARAMS["cnn"]["experiments"], *PARAMS["cnn"]["ablations"]]
 ARTIFACTS = REPO / "test-artifacts"
 
 
-OUR_COLUMNS = ("our MSE", "our MAE", "our AUC", "our ACC", "MSE", "MAE")
+OUR_COLUMNS = ("our MSE", "our MAE", "our AUC", "our ACC", "MSE", "MAE", "AUC", "ACC")
 
 
 def table_rows(markdown_text: str) -> list[tuple[str, dict[str, str]]]:
@@ -137,3 +137,21 @@ def test_run_references_are_links_when_the_ui_address_is_known(monkeypatch):
         f"[`aaaaaaaa`](https://mlflow.lab:5000/#/experiments/1/runs/{'a' * 32})"
     monkeypatch.setenv("MLFLOW_UI_URL", "http://127.0.0.1:5000/")
     assert Report.run_link(run_) == f"[`aaaaaaaa`](http://127.0.0.1:5000/#/experiments/1/runs/{'a' * 32})"
+
+
+def test_a_metrics_file_lacking_a_tables_metric_fails_the_stage_unless_allowed(tmp_path):
+    """The stage itself (no pipeline run): a headline without test_mse is a missing result, named in the error."""
+    for part in ("stages", "pipeline"):
+        shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "metrics/mlp").mkdir(parents=True)
+    (tmp_path / "metrics/mlp/default.json").write_text(json.dumps({"test_mae": 0.44, "test_mse_std": 0.01,
+                                                                   "test_mae_std": 0.01}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["python", "-m", "stages.report"], tmp_path, check=False)
+    assert result.returncode == 2 and "metrics/mlp/default.json (no test_mse)" in result.stderr
+    params["report"]["allow_missing"] = True
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["python", "-m", "stages.report"], tmp_path)
+    text = (tmp_path / "reports/report.md").read_text()
+    assert "`metrics/mlp/default.json (no test_mse)`" in text and "| mlp@default | 2 / 512 |" in text

@@ -19,11 +19,20 @@ import numpy as np
 import yaml
 
 from pipeline import figures
+from pipeline.data import images
 from pipeline.params import Params
 
 REFERENCES = Path(__file__).with_name("references.yaml")
 OUT = Path("reports")
 IMG = OUT / "img"
+
+# What the tables read from each stage's files: a file lacking one of these is a missing result.
+BACKPROP_KEYS = ("fd_threshold", "autograd_threshold", "fd_max_rel_error", "autograd_max_rel_error", "epochs",
+                 "classes", "window", "test_accuracy", "majority_baseline", "n_test")
+MLP_HEADLINE = ("test_mse", "test_mae", "test_mse_std", "test_mae_std")   # seed means and spreads
+MLP_DETAILS = ("n_seeds", "window_norm", "n_test_windows")
+CNN_HEADLINE = ("test_auc", "test_acc")
+CNN_DETAILS = ("best_epoch",)
 
 
 class MissingResults(RuntimeError):
@@ -55,6 +64,20 @@ def _diff(ours, ref, digits=4) -> str:
     return "n/a" if ours is None or ref is None else f"{ours - ref:+.{digits}f}"
 
 
+def _spread(mean, std, digits=4) -> str:
+    """A seed mean with its spread: "0.4485 ± 0.0086" (the mean alone when the spread is unknown)."""
+    return _fmt(mean, digits) + ("" if mean is None or std is None else f" ± {std:.{digits}f}")
+
+
+def image_title(spec) -> str:
+    """The image set's name as headings and tags spell it (ChestMNIST), as the CNN stage names it."""
+    return images.ImageSet({}, {}, 0, spec.size, spec.source, spec.name).title
+
+
+def image_task(spec) -> str:
+    return spec.task or images.default_task(spec.name)
+
+
 def ui_address(tracking_uri: str) -> str:
     """The MLflow UI's address: $MLFLOW_UI_URL, else the tracking server itself when it is one."""
     ui = os.environ.get("MLFLOW_UI_URL") or (tracking_uri if re.match(r"https?://", tracking_uri) else "")
@@ -67,24 +90,39 @@ class Report:
         self.refs = yaml.safe_load(REFERENCES.read_text())
         self.lines: list[str] = []
         self.missing: list[str] = []
-        self.sources: dict[str, str] = {}
+        self.sources: dict[str, set[str]] = {}   # part -> the data sources its runs name
         self.devices: set[str] = set()
-        self.synthetic = False
+        self.synthetic: set[str] = set()
 
-    def load(self, metrics: Path) -> tuple[dict | None, dict]:
-        """A stage's metrics and run info; records missing files and synthetic sources."""
+    def load(self, metrics: Path, part: str, headline=(), details=(), numbers=True) -> tuple[dict | None, dict]:
+        """A stage's metrics (headline, details and timing merged) and run info. A missing file, or
+        one lacking a key the tables read (`headline` in the file itself, `details` in it or its
+        .details.json), goes into `missing`; a headline value that is not a number is an error
+        (`numbers`: the headline holds only numbers)."""
         values = _read_json(metrics)
         run = _read_json(metrics.with_suffix(".run.json")) or {}
         if values is None:
             self.missing.append(str(metrics))
         else:
+            self._require(metrics, values, headline, numbers)
             for extra in (".details.json", ".timing.json"):   # the stage's non-headline numbers
                 values.update(_read_json(metrics.with_suffix(extra)) or {})
+            self._require(metrics.with_suffix(".details.json"), values, details)
         if run.get("device"):
             self.devices.add(run["device"])
-        if "synthetic" in run.get("data_source", ""):
-            self.synthetic = True
+        if run.get("data_source"):
+            self.sources.setdefault(part, set()).add(run["data_source"])
+            if "synthetic" in run["data_source"]:
+                self.synthetic.add(run["data_source"])
         return values, run
+
+    def _require(self, path: Path, values: dict, keys, numbers=False) -> None:
+        for key in keys:
+            value = values.get(key)
+            if value is None:
+                self.missing.append(f"{path} (no {key})")
+            elif numbers and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}: {key} is {value!r}, not a number; rerun the stage that writes it")
 
     @staticmethod
     def run_link(run: dict) -> str:
@@ -97,8 +135,12 @@ class Report:
         return f"`{run['run_id'][:8]}` (`{run['ui_path']}`)"
 
     @staticmethod
-    def mark(run: dict) -> str:
-        return " ⚠ synthetic" if "synthetic" in run.get("data_source", "") else ""
+    def mark(run: dict, dataset: str = "") -> str:
+        """⚠ on a row whose run used synthetic data, or another data set than params name (stale files)."""
+        source = run.get("data_source", "")
+        if source and dataset and not source.startswith(dataset):
+            return f" ⚠ ran on {source}"
+        return " ⚠ synthetic" if "synthetic" in source else ""
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
@@ -106,11 +148,10 @@ class Report:
     # -- part 1 --------------------------------------------------------------------------------
     def part1(self) -> None:
         self.add("## Part 1: backpropagation, made executable", "")
-        values, run = self.load(Path("metrics/backprop.json"))
-        if values is None:
-            self.add("*Missing: `metrics/backprop.json` (stage `backprop` has not run).*", "")
+        values, run = self.load(Path("metrics/backprop.json"), "part 1", BACKPROP_KEYS, numbers=False)
+        if values is None or any(values.get(k) is None for k in BACKPROP_KEYS):
+            self.add("*Missing: `metrics/backprop.json` or some of its numbers (stage `backprop`).*", "")
             return
-        self.sources["ETT windows (part 1)"] = run.get("data_source", "?")
         self.add("Largest relative error of the hand-written gradients, per parameter "
                  f"(finite differences in float64, threshold {values['fd_threshold']:g}; torch autograd, "
                  f"threshold {values['autograd_threshold']:g}):", "",
@@ -132,40 +173,62 @@ class Report:
     # -- part 2 --------------------------------------------------------------------------------
     def part2(self) -> None:
         refs = self.refs["mlp"]
-        self.add("## Part 2: MLP forecaster on ETT (numpy, hand-written backprop)", "")
+        ett = self.params.data.ett
+        has_refs = ett.name == refs["dataset"]   # the reference numbers are ETTh1's
+        self.add(f"## Part 2: MLP forecaster on {ett.name} (numpy, hand-written backprop)", "")
         variants = self.params.mlp_variants()
-        results = {v: self.load(Path(f"metrics/mlp/{v}.json")) for v in variants}
-        for v, (_, run) in results.items():
-            if run.get("data_source"):
-                self.sources["ETT (part 2)"] = run["data_source"]
+        results = {v: self.load(Path(f"metrics/mlp/{v}.json"), "part 2", MLP_HEADLINE, MLP_DETAILS) for v in variants}
+        self.add(f"Test MSE and MAE on {ett.name} (target {ett.target}, standardised): the mean ± sample std over "
+                 "`seeds` training seeds; `window_norm` is the per-window normalisation chosen on validation. "
+                 + (f"References ({refs['dataset']}): {refs['source']}; Δ = our mean − reference." if has_refs else
+                    f"No reference values exist for {ett.name}: our numbers alone."), "")
+        ours = "our " if has_refs else ""
         for title, key in (("Table 1: learning rate", "learning_rate"), ("Table 2: hidden size", "hidden_size")):
-            self.add(f"### {title}", "", "| variant | our lr / hidden | reference setting | our MSE | our MAE | "
-                     "ref MSE | ref MAE | ΔMSE | ΔMAE | test windows | MLflow run |", "|---|---|---|---|---|---|---|---|---|---|---|")
+            head = ["variant", "our lr / hidden", "assignment setting", "seeds", "window_norm", f"{ours}MSE",
+                    f"{ours}MAE"] + (["ref MSE", "ref MAE", "ΔMSE", "ΔMAE"] if has_refs else []) + \
+                   ["test windows", "MLflow run"]
+            self.add(f"### {title} on {ett.name}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|")
             for variant, ref in refs[key].items():
-                values, run = results.get(variant, (None, {}))
                 if variant not in results:
                     continue
-                cfg = self.params.mlp_variant(variant)
-                v = values or {}
-                self.add(f"| mlp@{variant}{self.mark(run)} | {cfg.lr:g} / {cfg.hidden} | {ref['label']} | "
-                         f"{_fmt(v.get('test_mse'))} | {_fmt(v.get('test_mae'))} | {ref['mse']:.4f} | "
-                         f"{ref['mae']:.4f} | {_diff(v.get('test_mse'), ref['mse'])} | "
-                         f"{_diff(v.get('test_mae'), ref['mae'])} | {v.get('n_test_windows', 'n/a')} | "
-                         f"{self.run_link(run)} |")
+                values, run = results[variant]
+                cfg, v = self.params.mlp_variant(variant), values or {}
+                cells = [f"mlp@{variant}{self.mark(run, ett.name + ' ')}", f"{cfg.lr:g} / {cfg.hidden}", ref["label"],
+                         str(v.get("n_seeds", "n/a")), str(v.get("window_norm", "n/a")),
+                         _spread(v.get("test_mse"), v.get("test_mse_std")),
+                         _spread(v.get("test_mae"), v.get("test_mae_std"))]
+                if has_refs:
+                    cells += [f"{ref['mse']:.4f}", f"{ref['mae']:.4f}", _diff(v.get("test_mse"), ref["mse"]),
+                              _diff(v.get("test_mae"), ref["mae"])]
+                cells += [str(v.get("n_test_windows", "n/a")), self.run_link(run)]
+                self.add("| " + " | ".join(cells) + " |")
             self.add("")
         others = [v for v in variants if v not in refs["learning_rate"] and v not in refs["hidden_size"]]
         if others:
-            self.add("Other variants (see params.yaml):", "", "| variant | MSE | MAE | best epoch | seconds | MLflow run |",
-                     "|---|---|---|---|---|---|")
+            self.add("Other variants (see params.yaml):", "", "| variant | seeds | window_norm | MSE | MAE | "
+                     "best epoch | seconds | MLflow run |", "|---" * 8 + "|")
             for variant in others:
                 values, run = results[variant]
                 v = values or {}
-                self.add(f"| mlp@{variant}{self.mark(run)} | {_fmt(v.get('test_mse'))} | {_fmt(v.get('test_mae'))} | "
-                         f"{v.get('best_epoch', 'n/a')} | {v.get('train_seconds', 'n/a')} | {self.run_link(run)} |")
+                self.add(f"| mlp@{variant}{self.mark(run, ett.name + ' ')} | {v.get('n_seeds', 'n/a')} | {v.get('window_norm', 'n/a')} | "
+                         f"{_spread(v.get('test_mse'), v.get('test_mse_std'))} | "
+                         f"{_spread(v.get('test_mae'), v.get('test_mae_std'))} | {v.get('best_epoch', 'n/a')} | "
+                         f"{v.get('train_seconds', 'n/a')} | {self.run_link(run)} |")
             self.add("")
-        pub = refs["published"]
-        self.add(f"Published results ({pub['source']}): "
-                 + "; ".join(f"{r['model']} {r['mse']:.3f} / {r['mae']:.3f}" for r in pub["rows"]) + ".", "")
+        losses = {v: (values or {}).get("window_norm_val_loss") for v, (values, _) in results.items()}
+        if any(losses.values()):
+            self.add("Window normalisation per variant: the one kept, and each candidate's best validation loss "
+                     "(first seed; the lowest is kept when `window_norm: auto`):", "")
+            for variant, loss in losses.items():
+                if loss:
+                    chosen = (results[variant][0] or {}).get("window_norm", "n/a")
+                    self.add(f"- mlp@{variant}: **{chosen}** ("
+                             + ", ".join(f"{norm} {value:.4f}" for norm, value in loss.items()) + ")")
+            self.add("")
+        if has_refs:
+            pub = refs["published"]
+            self.add(f"Published results ({pub['source']}): "
+                     + "; ".join(f"{r['model']} {r['mse']:.3f} / {r['mae']:.3f}" for r in pub["rows"]) + ".", "")
         self.add("### Loss curves", "", "Raw (faint) and smoothed with factor 0.6 (solid).", "")
         for variant in variants:
             curve = Path(f"metrics/mlp/curves/{variant}.csv")
@@ -173,10 +236,10 @@ class Report:
                 continue
             data = _read_csv(curve)
             path = figures.curves({k: (data["epoch"], data[k]) for k in ("train_loss", "valid_loss")},
-                                  f"mlp@{variant}: train / valid loss", "epoch", "MSE", IMG / f"mlp_{variant}_loss.png",
-                                  smoothing=0.6)
+                                  f"mlp@{variant} on {ett.name}: train / valid loss", "epoch", "MSE",
+                                  IMG / f"mlp_{variant}_loss.png", smoothing=0.6)
             self.add(f"![mlp@{variant} loss]({path.relative_to(OUT)})")
-        self.add("", "### Test predictions (OT channel, default variant)", "")
+        self.add("", f"### Test predictions ({ett.name}, {ett.target} channel, default variant)", "")
         for label in ("good", "median", "bad"):
             src = Path(f"figures/mlp/default/prediction_{label}.png")
             if src.exists():
@@ -188,51 +251,66 @@ class Report:
     # -- part 3 --------------------------------------------------------------------------------
     def part3(self) -> None:
         refs = self.refs["cnn"]
-        self.add("## Part 3: CNNs on PathMNIST", "")
+        spec = self.params.data.images
+        title, size = image_title(spec), spec.size
+        has_refs = spec.name == refs["dataset"]   # the reference numbers are PathMNIST's
+        self.add(f"## Part 3: CNNs on {title} ({size} px)", "")
         names = self.params.cnn_experiments()
-        results = {n: self.load(Path(f"metrics/cnn/{n}.json")) for n in names}
-        for n, (_, run) in results.items():
-            if run.get("data_source"):
-                self.sources["PathMNIST (part 3)"] = run["data_source"]
+        results = {n: self.load(Path(f"metrics/cnn/{n}.json"), "part 3", CNN_HEADLINE, CNN_DETAILS) for n in names}
+        multi_label = image_task(spec) == images.MULTI_LABEL or \
+            any("per_label" in (values or {}) for values, _ in results.values())
+        note = f"Test AUC and ACC on {title} at {size} px, as MedMNIST's evaluator scores a " \
+               f"{'multi-label' if multi_label else image_task(spec)} set. "
+        if has_refs:
+            note += f"References ({refs['dataset']}, {refs['size']} px): {refs['source']}; Δ = ours − reference."
+            if size != refs["size"]:
+                note += f" The references were measured at {refs['size']} px, these runs at {size} px."
+        else:
+            note += f"No reference values exist for {title}: our numbers alone."
+        self.add(note, "")
 
-        def row(name, ref, published=None):
+        def row(name, ref, published):
             values, run = results.get(name, (None, {}))
             v = values or {}
-            cells = [f"{name}{self.mark(run)}", ref["label"], _fmt(v.get("test_auc"), 3), _fmt(v.get("test_acc"), 3),
-                     f"{ref['auc']:.3f}", f"{ref['acc']:.3f}", _diff(v.get("test_auc"), ref["auc"], 3),
-                     _diff(v.get("test_acc"), ref["acc"], 3)]
-            if published is not None:
-                cells.append(published or "—")
+            cells = [f"{name}{self.mark(run, f'{title} {size}px ')}", ref["label"], _fmt(v.get("test_auc"), 3), _fmt(v.get("test_acc"), 3)]
+            if has_refs:
+                cells += [f"{ref['auc']:.3f}", f"{ref['acc']:.3f}", _diff(v.get("test_auc"), ref["auc"], 3),
+                          _diff(v.get("test_acc"), ref["acc"], 3)]
+                if published:
+                    cells.append(ref.get("published") or "—")
             cells += [str(v.get("best_epoch", "n/a")), _fmt(v.get("train_seconds"), 1),
                       _fmt(v.get("images_per_second"), 0), self.run_link(run)]
             self.add("| " + " | ".join(cells) + " |")
 
-        head = "| run | experiment | our AUC | our ACC | ref AUC | ref ACC | ΔAUC | ΔACC |"
-        tail = " best epoch | train s | images/s | MLflow run |"
-        self.add("### Table 3: training strategies (model B)", "", head + tail, "|---" * 12 + "|")
-        for name, ref in refs["strategies"].items():
-            if name in results:
-                row(name, ref)
-        self.add("", "### Table 4: from scratch vs fine-tuned", "", head + " published (AUC / ACC) |" + tail,
-                 "|---" * 13 + "|")
-        for name, ref in refs["models"].items():
-            if name in results:
-                row(name, ref, ref.get("published", ""))
-        self.add("")
+        def head(published):
+            cols = ["run", "experiment"] + (["our AUC", "our ACC", "ref AUC", "ref ACC", "ΔAUC", "ΔACC"]
+                                            if has_refs else ["AUC", "ACC"])
+            cols += ["published (AUC / ACC)"] if has_refs and published else []
+            cols += ["best epoch", "train s", "images/s", "MLflow run"]
+            return ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+
+        for table, key, published in (("Table 3: training strategies (model B)", "strategies", False),
+                                      ("Table 4: from scratch vs fine-tuned", "models", True)):
+            self.add(f"### {table} on {title} {size} px", "", *head(published))
+            for name, ref in refs[key].items():
+                if name in results:
+                    row(name, ref, published)
+            self.add("")
         self.add("### Curves (train loss, validation AUC, validation ACC against iterations)", "")
         base = "densenet121"
         groups = {"Model A vs model B": ["resnet18", base]}
         groups.update({f"{name} vs B": [base, name] for name in names if name not in ("resnet18", base)})
-        for title, members in groups.items():
+        for group, members in groups.items():
             curves = {m: _read_csv(Path(f"metrics/cnn/curves/{m}.csv")) for m in members
                       if Path(f"metrics/cnn/curves/{m}.csv").exists()}
             if not curves:
                 continue
             for key, label in (("train_loss", "train loss"), ("val_auc", "validation AUC"), ("val_acc", "validation ACC")):
                 series = {m: (c["step"][~np.isnan(c[key])], c[key][~np.isnan(c[key])]) for m, c in curves.items()}
-                slug = re.sub(r"\W+", "_", f"{title}_{key}").lower()
-                path = figures.curves(series, f"{title}: {label}", "iteration", label, IMG / f"cnn_{slug}.png")
-                self.add(f"![{title} {label}]({path.relative_to(OUT)})")
+                slug = re.sub(r"\W+", "_", f"{group}_{key}").lower()
+                path = figures.curves(series, f"{group} ({title} {size} px): {label}", "iteration", label,
+                                      IMG / f"cnn_{slug}.png")
+                self.add(f"![{group} {label}]({path.relative_to(OUT)})")
             self.add("")
         src = Path("figures/features/feature_maps.png")
         self.add("### Feature maps of ResNet-18", "")
@@ -240,11 +318,18 @@ class Report:
             self.add(f"![feature maps]({_img(src, 'feature_maps.png')})", "")
         else:
             self.missing.append(str(src))
-        self.add("### Confusion matrices (test split)", "")
+        if multi_label:   # a confusion matrix over label sets would mean nothing
+            self.add("### Per-label test outcomes (multi-label)", "",
+                     f"{title} is multi-label, so there is no confusion matrix: each run's per-label positives, "
+                     "predicted positives, AUC and ACC are in `metrics/cnn/<run>.details.json` (`per_label`) and "
+                     "drawn in `figures/cnn/<run>/confusion.png`:", "")
+        else:
+            self.add("### Confusion matrices (test split)", "")
         for name in names:
             src = Path(f"figures/cnn/{name}/confusion.png")
             if src.exists():
-                self.add(f"![{name} confusion]({_img(src, f'confusion_{name}.png')})")
+                alt = "per-label outcomes" if multi_label else "confusion"
+                self.add(f"![{name} {alt}]({_img(src, f'confusion_{name}.png')})")
         self.add("")
 
     # -- whole document ------------------------------------------------------------------------
@@ -259,15 +344,15 @@ class Report:
         self.lines = []
         self.add("# Deep-learning assignment, reproduced", "")
         if self.synthetic:
-            self.add("> **⚠ SYNTHETIC DATA.** Some results below come from the generated stand-in for "
-                     "PathMNIST, not the real data set; rows marked ⚠ synthetic are not comparable to the "
-                     "reference values.", "")
+            self.add("> **⚠ SYNTHETIC DATA.** Some results below come from a generated stand-in ("
+                     + "; ".join(sorted(self.synthetic)) + "), not the real data set; rows marked ⚠ synthetic "
+                     "are not comparable to the reference values.", "")
         if self.missing:
             self.add("> **Missing results:** " + ", ".join(f"`{m}`" for m in self.missing), "")
         self.add(f"- git commit: `{commit}`", f"- built: {datetime.date.today().isoformat()}",
                  f"- devices: {', '.join(sorted(self.devices)) or 'cpu (numpy)'}")
-        for name, source in self.sources.items():
-            self.add(f"- data, {name}: {source}")
+        for part, sources in self.sources.items():
+            self.add(f"- data, {part}: {'; '.join(sorted(sources))}")
         self.add("- reference values: `pipeline/report/references.yaml` (with their sources)", "")
         return "\n".join(self.lines + body) + "\n"
 

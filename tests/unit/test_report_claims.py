@@ -1,8 +1,11 @@
-"""Claims about the report tables: every number is the one in the metrics files, the deltas are
-ours minus the reference, and a missing metric shows up (never a silently invented number)."""
+"""Claims about the report tables: every number is the one in the metrics files (MLP: the seed mean
+± std), the deltas are ours minus the reference, reference columns appear only for the data sets the
+references belong to (ETTh1, PathMNIST), every heading names the data set, and a missing metric
+shows up (never a silently invented number)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from pipeline import params as P
 from pipeline.report import build
 
 REPO = Path(__file__).resolve().parents[2]
+REFS = yaml.safe_load(build.REFERENCES.read_text())
 
 
 @pytest.fixture
@@ -21,11 +25,15 @@ def workspace(tmp_path, monkeypatch):
     params = P.load(REPO / "params.yaml")
     for i, variant in enumerate(params.mlp_variants()):
         _write(f"metrics/mlp/{variant}.json", {"test_mse": 0.4 + i / 100 + 1e-5, "test_mae": 0.43 + i / 1000,
-                                              "n_test_windows": 2689, "best_epoch": i + 1})
+                                              "test_mse_std": 0.002 + i / 1000, "test_mae_std": 0.003 + i / 1000})
+        _write(f"metrics/mlp/{variant}.details.json", {
+            "n_test_windows": 2689, "best_epoch": i + 1, "n_seeds": 5, "window_norm": "revin" if i % 2 else "none",
+            "window_norm_val_loss": {"none": 0.9 + i / 100, "last": 0.95, "mean": 0.97, "revin": 0.91}})
+        _write(f"metrics/mlp/{variant}.run.json", {"data_source": "ETTh1 (real)"})
     for i, name in enumerate(params.cnn_experiments()):
-        _write(f"metrics/cnn/{name}.json", {"test_auc": 0.95 + i / 1000, "test_acc": 0.8 + i / 100,
-                                           "best_epoch": i + 2})
-        _write(f"metrics/cnn/{name}.run.json", {"data_source": "medmnist (mirror)"})
+        _write(f"metrics/cnn/{name}.json", {"test_auc": 0.95 + i / 1000, "test_acc": 0.8 + i / 100})
+        _write(f"metrics/cnn/{name}.details.json", {"best_epoch": i + 2, "best_val_auc": 0.9, "best_val_acc": 0.7})
+        _write(f"metrics/cnn/{name}.run.json", {"data_source": "PathMNIST 64px (medmnist)"})
     _write("metrics/backprop.json", {"fd_threshold": 1e-6, "autograd_threshold": 1e-8,
                                      "fd_max_rel_error": {"theta1": 1e-9}, "autograd_max_rel_error": {"theta1": 1e-12},
                                      "epochs": 2, "classes": 3, "window": 24, "test_accuracy": 0.5,
@@ -38,57 +46,142 @@ def _write(path, data):
     Path(path).write_text(json.dumps(data))
 
 
-def _rows(text: str, table: str) -> dict[str, list[str]]:
+def _read(path):
+    return json.loads(Path(path).read_text())
+
+
+def _with(params, ett=None, images=None):
+    """The params with other data sets named (validated as params.yaml would be)."""
+    data = params.data
+    if ett:
+        data = dataclasses.replace(data, ett=dataclasses.replace(data.ett, **ett))
+    if images:
+        data = dataclasses.replace(data, images=dataclasses.replace(data.images, **images))
+    return dataclasses.replace(params, data=data)
+
+
+def _table(text: str, heading: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The table under the first heading that starts with `heading`: its header and {first cell: {column: cell}}."""
     lines = text.split("\n")
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"### {table}"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"### {heading}"))
+    table = [line for line in lines[start + 1:next(i for i in range(start + 3, len(lines)) if not lines[i].strip())]
+             if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
     rows = {}
-    for line in lines[start + 1:]:
-        if line.startswith("### ") or (rows and not line.strip()):
-            break
-        if line.startswith("| ") and not line.startswith(("| variant", "| run")):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[0]] = cells
-    return rows
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(header), line
+        rows[cells[0]] = dict(zip(header, cells))
+    return header, rows
 
 
-def test_mlp_tables_hold_the_metrics_files_numbers_and_the_deltas(workspace):
-    refs = yaml.safe_load(build.REFERENCES.read_text())["mlp"]
+def _mlp_cells_match_files(rows, variants):
+    for variant in variants:
+        values = {**_read(f"metrics/mlp/{variant}.json"), **_read(f"metrics/mlp/{variant}.details.json")}
+        row = rows[f"mlp@{variant}"]
+        mse = next(v for k, v in row.items() if k.endswith("MSE") and not k.startswith(("ref", "Δ")))
+        mae = next(v for k, v in row.items() if k.endswith("MAE") and not k.startswith(("ref", "Δ")))
+        assert mse == f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f}"
+        assert mae == f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f}"
+        assert row["seeds"] == "5" and row["window_norm"] == values["window_norm"]
+        assert row["test windows"] == "2689"
+
+
+def test_mlp_tables_hold_the_seed_means_and_spreads_and_the_deltas_to_the_references(workspace):
     text = build.Report(workspace).build("abc1234")
+    assert "## Part 2: MLP forecaster on ETTh1" in text
     for table, key in (("Table 1", "learning_rate"), ("Table 2", "hidden_size")):
-        rows = _rows(text, table)
-        assert set(rows) == {f"mlp@{v}" for v in refs[key]}
-        for variant, ref in refs[key].items():
-            values = json.loads(Path(f"metrics/mlp/{variant}.json").read_text())
-            cfg = workspace.mlp_variant(variant)
-            cells = rows[f"mlp@{variant}"]
-            assert cells[1] == f"{cfg.lr:g} / {cfg.hidden}" and cells[2] == ref["label"]
-            assert cells[3:9] == [f"{values['test_mse']:.4f}", f"{values['test_mae']:.4f}", f"{ref['mse']:.4f}",
-                                  f"{ref['mae']:.4f}", f"{values['test_mse'] - ref['mse']:+.4f}",
-                                  f"{values['test_mae'] - ref['mae']:+.4f}"]
-            assert cells[9] == "2689"
+        header, rows = _table(text, table)
+        assert text.split(f"### {table}: ")[1].split("\n")[0].endswith(" on ETTh1")
+        assert {"ref MSE", "ref MAE", "ΔMSE", "ΔMAE"} <= set(header)
+        assert set(rows) == {f"mlp@{v}" for v in REFS["mlp"][key]}
+        _mlp_cells_match_files(rows, REFS["mlp"][key])
+        for variant, ref in REFS["mlp"][key].items():
+            values, cfg, row = _read(f"metrics/mlp/{variant}.json"), workspace.mlp_variant(variant), rows[f"mlp@{variant}"]
+            assert row["our lr / hidden"] == f"{cfg.lr:g} / {cfg.hidden}" and row["assignment setting"] == ref["label"]
+            assert [row["ref MSE"], row["ref MAE"], row["ΔMSE"], row["ΔMAE"]] == [
+                f"{ref['mse']:.4f}", f"{ref['mae']:.4f}", f"{values['test_mse'] - ref['mse']:+.4f}",
+                f"{values['test_mae'] - ref['mae']:+.4f}"]
     assert "mlp@assignment" in text.split("Other variants")[1].split("\n\n")[1]
+    assert "Published results (ETTh1" in text
+
+
+def test_mlp_tables_of_another_series_name_it_and_show_our_numbers_alone(workspace):
+    for variant in workspace.mlp_variants():
+        _write(f"metrics/mlp/{variant}.run.json", {"data_source": "ETTh2 (real)"})
+    text = build.Report(_with(workspace, ett={"name": "ETTh2"})).build("abc1234")
+    assert "## Part 2: MLP forecaster on ETTh2" in text and "No reference values exist for ETTh2" in text
+    for table, key in (("Table 1", "learning_rate"), ("Table 2", "hidden_size")):
+        assert text.split(f"### {table}: ")[1].split("\n")[0].endswith(" on ETTh2")
+        header, rows = _table(text, table)
+        assert not [c for c in header if "ref" in c or "Δ" in c], header
+        _mlp_cells_match_files(rows, REFS["mlp"][key])
+        assert "n/a" not in json.dumps(rows)
+    assert "Published results" not in text and "- data, part 2: ETTh2 (real)" in text
+
+
+def test_each_variants_window_norm_choice_and_candidate_losses_are_listed(workspace):
+    text = build.Report(workspace).build("abc1234")
+    for variant in workspace.mlp_variants():
+        details = _read(f"metrics/mlp/{variant}.details.json")
+        losses = ", ".join(f"{n} {v:.4f}" for n, v in details["window_norm_val_loss"].items())
+        assert f"- mlp@{variant}: **{details['window_norm']}** ({losses})" in text
 
 
 def test_cnn_tables_hold_the_metrics_files_numbers_and_the_deltas(workspace):
-    refs = yaml.safe_load(build.REFERENCES.read_text())["cnn"]
     text = build.Report(workspace).build("abc1234")
+    assert "## Part 3: CNNs on PathMNIST (64 px)" in text
     for table, key in (("Table 3", "strategies"), ("Table 4", "models")):
-        rows = _rows(text, table)
-        assert set(rows) == set(refs[key])
-        for name, ref in refs[key].items():
-            values = json.loads(Path(f"metrics/cnn/{name}.json").read_text())
-            cells = rows[name]
-            assert cells[1] == ref["label"]
-            assert cells[2:8] == [f"{values['test_auc']:.3f}", f"{values['test_acc']:.3f}", f"{ref['auc']:.3f}",
-                                  f"{ref['acc']:.3f}", f"{values['test_auc'] - ref['auc']:+.3f}",
-                                  f"{values['test_acc'] - ref['acc']:+.3f}"]
-            best = cells[9] if key == "models" else cells[8]
-            assert best == str(values["best_epoch"])
+        header, rows = _table(text, table)
+        assert text.split(f"### {table}: ")[1].split("\n")[0].endswith(" on PathMNIST 64 px")
+        assert set(rows) == set(REFS["cnn"][key])
+        assert ("published (AUC / ACC)" in header) == (key == "models")
+        for name, ref in REFS["cnn"][key].items():
+            values = {**_read(f"metrics/cnn/{name}.json"), **_read(f"metrics/cnn/{name}.details.json")}
+            row = rows[name]
+            assert row["experiment"] == ref["label"]
+            assert [row[c] for c in ("our AUC", "our ACC", "ref AUC", "ref ACC", "ΔAUC", "ΔACC")] == [
+                f"{values['test_auc']:.3f}", f"{values['test_acc']:.3f}", f"{ref['auc']:.3f}", f"{ref['acc']:.3f}",
+                f"{values['test_auc'] - ref['auc']:+.3f}", f"{values['test_acc'] - ref['acc']:+.3f}"]
+            assert row["best epoch"] == str(values["best_epoch"])
+    assert "### Confusion matrices" in text and "measured at 64 px" not in text
+
+
+def test_pathmnist_at_another_size_keeps_the_references_and_says_their_size(workspace):
+    for name in workspace.cnn_experiments():
+        _write(f"metrics/cnn/{name}.run.json", {"data_source": "PathMNIST 28px (medmnist)"})
+    text = build.Report(_with(workspace, images={"size": 28})).build("abc1234")
+    assert "## Part 3: CNNs on PathMNIST (28 px)" in text
+    assert "The references were measured at 64 px, these runs at 28 px." in text
+    header, rows = _table(text, "Table 3")
+    assert "ref AUC" in header and set(rows) == set(REFS["cnn"]["strategies"])
+
+
+def test_a_multi_label_set_is_named_shows_our_numbers_alone_and_points_to_the_per_label_details(workspace):
+    for name in workspace.cnn_experiments():
+        _write(f"metrics/cnn/{name}.run.json", {"data_source": "ChestMNIST 28px (synthetic)"})
+    text = build.Report(_with(workspace, images={"name": "chestmnist", "size": 28})).build("abc1234")
+    assert "## Part 3: CNNs on ChestMNIST (28 px)" in text and "No reference values exist for ChestMNIST" in text
+    assert "multi-label" in text.split("## Part 3")[1].split("###")[0]
+    for table, key in (("Table 3", "strategies"), ("Table 4", "models")):
+        header, rows = _table(text, table)
+        assert text.split(f"### {table}: ")[1].split("\n")[0].endswith(" on ChestMNIST 28 px")
+        assert header[:4] == ["run", "experiment", "AUC", "ACC"]
+        assert not [c for c in header if "ref" in c or "Δ" in c or "published" in c], header
+        for name in REFS["cnn"][key]:
+            values = _read(f"metrics/cnn/{name}.json")
+            assert [rows[f"{name} ⚠ synthetic"][c] for c in ("AUC", "ACC")] == [
+                f"{values['test_auc']:.3f}", f"{values['test_acc']:.3f}"]
+    assert "### Confusion matrices" not in text and "### Per-label test outcomes (multi-label)" in text
+    assert "`metrics/cnn/<run>.details.json` (`per_label`)" in text and "`figures/cnn/<run>/confusion.png`" in text
+    assert "- data, part 3: ChestMNIST 28px (synthetic)" in text
+    assert "generated stand-in (ChestMNIST 28px (synthetic))" in text
 
 
 def test_header_names_the_commit_and_the_data_sources(workspace):
     text = build.Report(workspace).build("abc1234")
-    assert "- git commit: `abc1234`" in text and "- data, PathMNIST (part 3): medmnist (mirror)" in text
+    assert "- git commit: `abc1234`" in text and "- data, part 3: PathMNIST 64px (medmnist)" in text
+    assert "- data, part 2: ETTh1 (real)" in text
     assert "SYNTHETIC" not in text
 
 
@@ -99,26 +192,41 @@ def test_a_missing_metrics_file_is_reported_and_its_cells_say_n_a(workspace):
     text = report.build("abc1234")
     assert "metrics/mlp/lr_div5.json" in report.missing and "metrics/cnn/steplr.json" in report.missing
     assert "**Missing results:**" in text and "`metrics/cnn/steplr.json`" in text
-    assert _rows(text, "Table 1")["mlp@lr_div5"][3] == "n/a"
-    assert _rows(text, "Table 3")["steplr"][2] == "n/a"
+    assert _table(text, "Table 1")[1]["mlp@lr_div5"]["our MSE"] == "n/a"
+    assert _table(text, "Table 3")[1]["steplr"]["our AUC"] == "n/a"
 
 
 def test_synthetic_results_are_marked(workspace):
-    _write("metrics/cnn/hflip.run.json", {"data_source": "synthetic (generated)"})
+    _write("metrics/cnn/hflip.run.json", {"data_source": "PathMNIST 64px (synthetic)"})
     text = build.Report(workspace).build("abc1234")
     assert "**⚠ SYNTHETIC DATA.**" in text and "| hflip ⚠ synthetic |" in text
 
 
-@pytest.mark.xfail(reason="BUG (report): a metrics file without the metric the table needs builds a report with "
-                          "'n/a' instead of failing; Report.load only checks that the file exists", strict=True)
-def test_a_metrics_file_without_the_tables_metric_fails(workspace):
-    _write("metrics/mlp/default.json", {"test_mae": 0.4})        # test_mse missing
+def test_a_row_from_another_data_set_than_params_name_is_marked(workspace):
+    """Stale files (e.g. params switched to ChestMNIST, metrics still PathMNIST's) never pass silently."""
+    _write("metrics/cnn/hflip.run.json", {"data_source": "PathMNIST 28px (medmnist)"})
+    _write("metrics/mlp/h1024.run.json", {"data_source": "ETTh2 (real)"})
+    text = build.Report(workspace).build("abc1234")
+    assert "| hflip ⚠ ran on PathMNIST 28px (medmnist) |" in text and "| rotation |" in text
+    assert "| mlp@h1024 ⚠ ran on ETTh2 (real) |" in text and "| mlp@h2048 |" in text
+
+
+@pytest.mark.parametrize("path, drop", [("metrics/mlp/default.json", "test_mse"),
+                                        ("metrics/mlp/h1024.json", "test_mae_std"),
+                                        ("metrics/mlp/lr_div5.details.json", "n_seeds"),
+                                        ("metrics/cnn/finetune.json", "test_acc"),
+                                        ("metrics/cnn/steplr.details.json", "best_epoch"),
+                                        ("metrics/backprop.json", "test_accuracy")])
+def test_a_metrics_file_without_the_tables_metric_is_missing(workspace, path, drop):
+    values = _read(path)
+    del values[drop]
+    _write(path, values)
     report = build.Report(workspace)
     report.build("abc1234")
-    assert any(m.startswith("metrics/mlp/default.json") for m in report.missing)
+    assert [m for m in report.missing if m.startswith("metrics/")] == [f"{path} (no {drop})"]
 
 
 def test_a_metric_of_the_wrong_type_fails(workspace):
     _write("metrics/cnn/finetune.json", {"test_auc": "high", "test_acc": 0.9})
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(ValueError, match="metrics/cnn/finetune.json: test_auc is 'high', not a number"):
         build.Report(workspace).build("abc1234")
