@@ -86,8 +86,9 @@ def pipeline_repo(tmp_path_factory, local_densenet_weights) -> Path:
     params["cnn"]["experiments"]["finetune"]["weights_file"] = str(local_densenet_weights)
     repo = make_repo_copy(tmp_path_factory.mktemp("e2e"), params)
     # System metrics every second: the tiny stages finish in seconds (the UI test reads them).
-    run([str(Path(VENV_BIN) / "dvc"), "exp", "run", "-n", "e2e"], repo, timeout=1800,
-        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL=1)
+    result = run([str(Path(VENV_BIN) / "dvc"), "exp", "run", "-n", "e2e"], repo, timeout=1800,
+                 MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL=1)
+    (repo.parent / "dvc_exp_run.log").write_text(result.stdout + result.stderr)   # what a user saw
     return repo
 
 

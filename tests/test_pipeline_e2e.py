@@ -4,6 +4,7 @@ import csv
 import io
 import itertools
 import json
+import re
 
 import pytest
 import yaml
@@ -160,3 +161,14 @@ def test_returning_to_a_param_set_restores_from_the_run_cache_and_exp_show_leads
     assert "Stage 'cnn@resnet18' is cached - skipping run" in out, out
     assert "test MSE" not in out and "test AUC" not in out        # nothing trained
     assert _results(repo, *files) == results_a                    # restored: the same bytes
+
+
+def test_captured_output_shows_epoch_lines_and_a_projected_time_per_cnn_stage(pipeline_repo):
+    log = (pipeline_repo.parent / "dvc_exp_run.log").read_text()
+    assert "\r" not in log                                   # captured: plain lines, no bar redraws
+    for variant in MLP_VARIANTS:
+        assert re.search(rf"mlp@{variant} \[\w+, seed \d+\] epoch 1/2  train_loss [\d.]+  valid_loss [\d.]+", log), variant
+    for name in CNN_RUNS:
+        family = "ablation" if name in small_params()["cnn"]["ablations"] else "cnn"
+        assert re.search(rf"projected: .+ for {family}@{name} on cpu", log), name
+        assert re.search(rf"{family}@{name} epoch 1/1  train_loss [\d.]+  val_auc [\d.]+  val_acc [\d.]+  lr ", log), name
