@@ -272,7 +272,10 @@ class Report:
         def row(name, ref, published):
             values, run = results.get(name, (None, {}))
             v = values or {}
-            cells = [f"{name}{self.mark(run, f'{title} {size}px ')}", ref["label"], _fmt(v.get("test_auc"), 3), _fmt(v.get("test_acc"), 3)]
+            label = ref["label"]
+            if "ImageNet" in label and not self.params.cnn_experiment(name).pretrained:   # e.g. offline
+                label += " ⚠ trained from scratch here (pretrained: false)"
+            cells = [f"{name}{self.mark(run, f'{title} {size}px ')}", label, _fmt(v.get("test_auc"), 3), _fmt(v.get("test_acc"), 3)]
             if has_refs:
                 cells += [f"{ref['auc']:.3f}", f"{ref['acc']:.3f}", _diff(v.get("test_auc"), ref["auc"], 3),
                           _diff(v.get("test_acc"), ref["acc"], 3)]
