@@ -108,6 +108,7 @@ def test_the_readme_runs_as_written(tmp_path, local_densenet_weights):
     params = small_params()   # smaller still: one seed, one window normalisation, short windows
     params["mlp"]["defaults"].update(seeds=1, window_norm="last", epochs=1, input_len=24, pred_len=24, kernel=5)
     params["data"]["images"].update(synthetic_train=96, synthetic_val=32, synthetic_test=32)
+    params["cnn"]["defaults"].update(max_steps_per_epoch=2, eval_batch_size=32)
     (tmp_path / "repo").mkdir()
     repo = make_repo_copy(tmp_path / "repo", params)
     (tmp_path / "shared").symlink_to(SHARED_DATA.parent)   # the README's ../shared/data
