@@ -89,16 +89,14 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
         tracker.metrics({**metrics, **details, **timing})
 
         summary = tasks.prediction_summary(data.labels["test"], scores, data.task, data.n_classes)
+        confusion_png = f"figures/cnn/{name}/confusion.png"
         if summary["kind"] == "confusion":
-            pairs, title = summary["pairs"], f"{name}: {data.title} test confusion matrix"
-        else:   # multi-label: one 2x2 block per label ("<label>:<0|1>"), and the per-label table
-            pairs, title = _per_label_pairs(data.labels["test"], tasks.predictions(scores, data.task)), \
-                f"{name}: {data.title} per-label test outcomes"
+            pairs = summary["pairs"]
+            fig_path = figures.confusion(summary["matrix"], f"{name}: {data.title} test confusion matrix", confusion_png)
+        else:   # multi-label: one 2x2 block per label ("<label>:<0|1>") in the plot, the per-label table
+            pairs = _per_label_pairs(data.labels["test"], tasks.predictions(scores, data.task))
             details["per_label"] = summary["rows"]
-        if summary["kind"] == "confusion":
-            fig_path = figures.confusion(summary["matrix"], title, f"figures/cnn/{name}/confusion.png")
-        else:
-            fig_path = figures.per_label(summary["rows"], title, f"figures/cnn/{name}/confusion.png")
+            fig_path = figures.per_label(summary["rows"], f"{name}: {data.title} per-label test outcomes", confusion_png)
         tracker.artifact(fig_path, "figures")
         model_path = MODELS / "cnn" / f"{name}.pt"
         if world.size > 1:   # the plain torchvision model, without DDP's synchronised BatchNorm
