@@ -1,6 +1,7 @@
 """Any image set: MedMNIST-layout files (synthetic grayscale / multi-label sets, the user's own npz),
 the per-task loss and metrics, grayscale stems and upsampling, and a real-image run (sklearn digits)."""
 
+import json
 import time
 
 import numpy as np
@@ -264,3 +265,23 @@ def test_resnet18_reaches_095_on_real_digits_from_a_user_file(tmp_path):
           f"{result.best_epoch}, {time.perf_counter() - tick:.1f} s")
     assert tasks.evaluate(data.labels["test"], scores, data.task) == test
     assert test["acc"] >= 0.95, test
+
+
+def test_cnn_stage_on_a_multilabel_grayscale_set_names_it_and_summarises_per_label(tmp_path):
+    params = small_params()
+    params["data"]["images"].update(name="chestmnist", source="synthetic", size=32, synthetic_train=64,
+                                    synthetic_val=32, synthetic_test=32)
+    params["cnn"]["defaults"].update(max_steps_per_epoch=2)
+    repo = make_repo_copy(tmp_path / "repo", params)
+    run(["python", "-m", "stages.download_pathmnist"], repo)
+    out = run(["python", "-m", "stages.cnn", "resnet18"], repo, timeout=600).stdout
+    assert "data ChestMNIST 32px (synthetic)" in out
+    metrics = json.loads((repo / "metrics/cnn/resnet18.json").read_text())
+    assert 0 <= metrics["test_auc"] <= 1 and 0 <= metrics["test_acc"] <= 1
+    rows = json.loads((repo / "metrics/cnn/resnet18.details.json").read_text())["per_label"]
+    assert [r["label"] for r in rows] == list(range(14)) and all(r["positives_of"] == 32 for r in rows)
+    pairs = (repo / "metrics/cnn/confusion/resnet18.csv").read_text().splitlines()
+    assert pairs[0] == "actual,predicted" and len(pairs) == 1 + 32 * 14        # a 2x2 block per label
+    assert all(a.split(":")[0] == p.split(":")[0] for a, p in (line.split(",") for line in pairs[1:]))
+    state = torch.load(repo / "models/cnn/resnet18.pt", weights_only=True)
+    assert state["conv1.weight"].shape[1] == 1 and state["fc.weight"].shape[0] == 14   # grayscale in, 14 labels out
