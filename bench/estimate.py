@@ -36,6 +36,7 @@ from pipeline import devices, params as P, progress
 from pipeline.models import mlp_forecaster
 from pipeline.paths import ett_csv
 from pipeline.train import cnn_loop
+from pipeline.train.forecaster import NORMALISATIONS
 
 STAGE_OVERHEAD_S = 15.0   # measured: mlp@default stage 48 s wall, 33 s of it training (2-core CPU)
 # Not measured (seconds on a 2-core CPU): small, or bound by the network.
@@ -153,7 +154,8 @@ def mlp_estimate(stage: str, params, n_steps: int) -> tuple[float, str]:
     eval_s_per_row = (time.perf_counter() - start) / (8 * rows)
     steps = -(-windows["train"] // cfg.batch_size)
     eval_per_epoch = windows["eval"] * channels * eval_s_per_row
-    fits = getattr(cfg, "seeds", 1) * (4 if cfg.window_norm == "auto" else 1)   # auto tries none/last/mean/revin
+    # auto tries none/last/mean/revin on the first seed, then trains the choice on the other seeds
+    fits = (len(NORMALISATIONS) if cfg.window_norm == "auto" else 1) + cfg.seeds - 1
     seconds = fits * progress.project(step_s, steps, cfg.epochs, eval_per_epoch) + STAGE_OVERHEAD_S
     detail = (f"at most {fits} fit(s) x {cfg.epochs} epochs x {steps} steps at {step_s * 1000:.1f} ms/step"
               f" + evaluation {eval_per_epoch:.1f}s/epoch; early stopping can end it sooner")
