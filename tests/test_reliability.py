@@ -69,7 +69,7 @@ def test_touching_each_module_makes_exactly_its_users_stale(pipeline_repo):
 
 PARAM_USERS = [
     ("backprop.lr", 0.2, {"backprop"}),
-    ("mlp.defaults.hidden", 40, {"mlp"}),
+    ("mlp.defaults.hidden", 40, {"mlp", "report"}),   # the report reads the variants' merged configs
     ("mlp.variants.h1024.hidden", 50, {"mlp", "report"}),
     ("cnn.defaults.lr", 0.002, {"cnn", "ablation"}),
     ("cnn.ablations.hflip.lr", 0.002, {"ablation", "report"}),
