@@ -23,7 +23,7 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
 
     `suffix` lets writers that insist on an extension (np.savez adds ".npz") keep theirs; the
@@ -39,7 +39,8 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; outputs get the usual permissions
+        # mkstemp makes 0600; outputs get the usual permissions unless `mode` says (secrets: 0o600)
+        os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -61,8 +62,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    with atomic_path(path, mode=mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -71,8 +72,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json(path: str | Path, data: dict, mode: int | None = None) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", mode)
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:

@@ -147,7 +147,7 @@ def credentials(root: Path) -> dict:
               "db_password": lambda: secrets.token_urlsafe(24), "flask_secret_key": lambda: secrets.token_urlsafe(32)}
     if set(wanted) - set(creds):
         creds = {**{k: make() for k, make in wanted.items()}, **creds}
-        write_json(path, creds)   # written through a mkstemp file: mode 0600
+        write_json(path, creds, mode=0o600)
     return creds
 
 
@@ -183,7 +183,7 @@ def start_postgres(root: Path, port: int, password: str) -> int:
     log = pg / "postgres.log"
     if not (data / "PG_VERSION").exists():
         pwfile = pg / "pwfile"
-        write_text(pwfile, password + "\n")
+        write_text(pwfile, password + "\n", mode=0o600)
         chown_postgres(pwfile)
         try:
             result = subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", DB_USER, f"--pwfile={pwfile}",
@@ -220,7 +220,7 @@ def start_seaweedfs(root: Path, ports: list[int], creds: dict) -> int:
     s3_config = weed / "s3.json"
     write_json(s3_config, {"identities": [{
         "name": "team", "credentials": [{"accessKey": creds["s3_access_key"], "secretKey": creds["s3_secret_key"]}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, mode=0o600)
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
     cmd = [str(weed_bin()), "server", f"-dir={weed / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=1",
@@ -263,7 +263,7 @@ def start_mlflow(root: Path, port: int, pg_port: int, s3_endpoint: str, creds: d
                  workers: int) -> int:
     # The DB password travels in a pgpass file, not on the command line (visible in `ps`).
     pgpass = root / "pgpass"
-    write_text(pgpass, f"{HOST}:{pg_port}:*:{DB_USER}:{creds['db_password']}\n")
+    write_text(pgpass, f"{HOST}:{pg_port}:*:{DB_USER}:{creds['db_password']}\n", mode=0o600)   # libpq ignores a wider one
     env = {**os.environ, "PGPASSFILE": str(pgpass), "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
            "AWS_ACCESS_KEY_ID": creds["s3_access_key"], "AWS_SECRET_ACCESS_KEY": creds["s3_secret_key"],
            "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}

@@ -291,3 +291,18 @@ def test_make_works_in_a_folder_whose_path_has_a_space(tmp_path):
     result = subprocess.run(["make", "-o", ".venv/.installed", "params"], cwd=repo, env=env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_outputs_get_the_usual_permissions_and_secrets_only_their_owners(tmp_path):
+    from pipeline.outputs import write_text
+
+    write_text(tmp_path / "metrics.json", "{}")
+    write_text(tmp_path / "pgpass", "secret", mode=0o600)   # libpq ignores a group-readable pgpass
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert (tmp_path / "pgpass").stat().st_mode & 0o777 == 0o600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
