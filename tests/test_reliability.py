@@ -2,6 +2,7 @@
 experiments, no secrets in tracking, safe loading."""
 
 import json
+import os
 import re
 import signal
 import subprocess
