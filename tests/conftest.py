@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,22 @@ def pipeline_repo(tmp_path_factory, local_densenet_weights) -> Path:
 
 def dvc(repo: Path, *args, **kw) -> subprocess.CompletedProcess:
     return run([str(Path(VENV_BIN) / "dvc"), *args], repo, **kw)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_chromium(playwright):
+    """Debian's chromium under Playwright, with no background network (this machine has none)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: `make test` installs it (Debian package chromium)")
+        pytest.skip("chromium not installed (make test installs it)")
+    return playwright.chromium.launch(executable_path=chromium, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])

@@ -1,8 +1,6 @@
 """The MLflow UI, in a real browser, on the store the end-to-end pipeline run wrote: a CNN run's
 System metrics tab shows CPU and memory series (MLflow's own system-metrics logging)."""
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -11,21 +9,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, VENV_BIN, env
+from conftest import REPO, VENV_BIN, env, free_port, launch_chromium
 
 ARTIFACTS = REPO / "test-artifacts"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def mlflow_ui(pipeline_repo):
     """`mlflow ui` as the README starts it, on the e2e store, stopped by PID."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(VENV_BIN) / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{pipeline_repo / 'mlflow.db'}",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -46,11 +38,6 @@ def mlflow_ui(pipeline_repo):
 
 
 def test_system_metrics_tab_of_a_cnn_run_shows_cpu_and_memory(pipeline_repo, mlflow_ui):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: `make test` installs it (Debian package chromium)")
-        pytest.skip("chromium not installed (make test installs it)")
     from playwright.sync_api import sync_playwright
 
     client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_repo / 'mlflow.db'}")
@@ -61,9 +48,7 @@ def test_system_metrics_tab_of_a_cnn_run_shows_cpu_and_memory(pipeline_repo, mlf
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{run_.info.run_id}/system-metrics")
         for series in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):

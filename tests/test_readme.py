@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,7 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SHARED_DATA, dvc, env, make_repo_copy, small_params
+from conftest import REPO, SHARED_DATA, dvc, env, free_port, make_repo_copy, small_params
 
 SHELL = {"bash", "sh", "shell"}
 NETWORK = "# needs the network"
@@ -51,12 +50,6 @@ def test_every_block_is_marked_and_every_shell_block_runs_here_or_names_its_test
         if match:   # the named test exists, so the reference cannot rot silently
             path, name = match.groups()
             assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), f"{path}::{name} not found"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve_until_up(script: str, repo: Path, port: int) -> None:
@@ -120,7 +113,7 @@ def test_the_readme_runs_as_written(tmp_path, local_densenet_weights):
             continue
         script = "\n".join(["set -eo pipefail", *exports, body])
         if "mlflow ui" in body:
-            port = _free_port()
+            port = free_port()
             _serve_until_up(script.replace("--port 5000", f"--port {port}"), repo, port)
         else:
             result = subprocess.run(["bash", "-c", script], cwd=repo, env=env(), capture_output=True,

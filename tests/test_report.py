@@ -1,14 +1,13 @@
 """The report stage: complete from a complete run, readable in a real browser, strict about gaps."""
 
 import json
-import os
 import re
 import shutil
 
 import pytest
 import yaml
 
-from conftest import REPO, dvc, run, small_params
+from conftest import REPO, dvc, launch_chromium, run, small_params
 
 PARAMS = small_params()
 MLP_VARIANTS = list(PARAMS["mlp"]["variants"])
@@ -63,20 +62,13 @@ def test_report_has_every_section_row_and_figure(pipeline_repo):
 
 
 def test_report_html_renders_in_a_real_browser(pipeline_repo):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: `make test` installs it (Debian package chromium)")
-        pytest.skip("chromium not installed (make test installs it)")
     from playwright.sync_api import sync_playwright
 
     html = pipeline_repo / "reports/report.html"
     assert not re.search(r'(src|href)="(https?:)?//', html.read_text())   # nothing loaded from the network
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(html.as_uri())
         page.wait_for_load_state("load")

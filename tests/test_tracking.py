@@ -16,15 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SHARED_DATA, VENV_BIN, env, make_repo_copy, run, small_params
+from conftest import SHARED_DATA, VENV_BIN, env, free_port, make_repo_copy, run, small_params
 from pipeline.paths import main_repo_root
 from pipeline.tracking import _redact
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
