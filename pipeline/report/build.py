@@ -27,8 +27,9 @@ OUT = Path("reports")
 IMG = OUT / "img"
 
 # What the tables read from each stage's files: a file lacking one of these is a missing result.
-BACKPROP_KEYS = ("fd_threshold", "autograd_threshold", "fd_max_rel_error", "autograd_max_rel_error", "epochs",
-                 "classes", "window", "test_accuracy", "majority_baseline", "n_test")
+BACKPROP_HEADLINE = ("test_accuracy", "majority_baseline")
+BACKPROP_DETAILS = ("fd_threshold", "autograd_threshold", "fd_max_rel_error", "autograd_max_rel_error", "epochs",
+                    "classes", "window", "n_test")
 MLP_HEADLINE = ("test_mse", "test_mae", "test_mse_std", "test_mae_std")   # seed means and spreads
 MLP_DETAILS = ("n_seeds", "window_norm", "n_test_windows")
 CNN_HEADLINE = ("test_auc", "test_acc")
@@ -148,8 +149,9 @@ class Report:
     # -- part 1 --------------------------------------------------------------------------------
     def part1(self) -> None:
         self.add("## Part 1: backpropagation, made executable", "")
-        values, run = self.load(Path("metrics/backprop.json"), "part 1", BACKPROP_KEYS, numbers=False)
-        if values is None or any(values.get(k) is None for k in BACKPROP_KEYS):
+        values, run = self.load(Path("metrics/backprop.json"), "part 1", BACKPROP_HEADLINE, BACKPROP_DETAILS,
+                                numbers=False)
+        if values is None or any(values.get(k) is None for k in (*BACKPROP_HEADLINE, *BACKPROP_DETAILS)):
             self.add("*Missing: `metrics/backprop.json` or some of its numbers (stage `backprop`).*", "")
             return
         self.add("Largest relative error of the hand-written gradients, per parameter "
