@@ -1,0 +1,42 @@
+"""The mutation report's arithmetic: what counts as caught, what survives, what is left out."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import mutation_report as report
+
+STATUSES = {
+    "pipeline.a.x_f__mutmut_1": "killed",
+    "pipeline.a.x_f__mutmut_2": "timeout",
+    "pipeline.a.x_f__mutmut_3": "survived",
+    "pipeline.a.x_f__mutmut_4": "no tests",
+    "pipeline.a.x_f__mutmut_5": "survived",
+    "pipeline.a.x_f__mutmut_6": "not checked",
+    "pipeline.b.xǁCǁm__mutmut_1": "killed",
+    "pipeline.b.xǁCǁm__mutmut_2": "segfault",
+}
+
+
+def test_no_tests_survives_equivalents_are_left_out_and_unchecked_mutants_are_not_counted(capsys):
+    counts, survivors, stale = report.tally(STATUSES, {"pipeline.a.x_f__mutmut_5": "same value"})
+    assert dict(counts["pipeline.a"]) == {"killed": 1, "timeout": 1, "survived": 1, "no tests": 1, "equivalent": 1}
+    assert sorted(survivors) == ["pipeline.a.x_f__mutmut_3: survived", "pipeline.a.x_f__mutmut_4: no tests"]
+    assert stale == []
+    report._row("pipeline.a", counts["pipeline.a"])
+    assert capsys.readouterr().out.split() == ["pipeline.a", "2", "1", "1", "1", "5", "50.0%"]
+    report._row("pipeline.b", counts["pipeline.b"])
+    assert capsys.readouterr().out.split()[-1] == "100.0%"
+
+
+def test_an_equivalent_that_is_caught_is_reported_as_stale():
+    _, _, stale = report.tally(STATUSES, {"pipeline.a.x_f__mutmut_1": "was equivalent"})
+    assert stale == ["pipeline.a.x_f__mutmut_1: listed as equivalent but killed"]
+
+
+def test_equivalent_files_need_a_reason_for_every_name(tmp_path):
+    (tmp_path / "pipeline.a.txt").write_text("pipeline.a.x_f__mutmut_5  # same value\n\n")
+    assert report.equivalents(tmp_path) == {"pipeline.a.x_f__mutmut_5": "same value"}
+    (tmp_path / "pipeline.b.txt").write_text("pipeline.b.xǁCǁm__mutmut_1\n")
+    with pytest.raises(SystemExit, match="pipeline.b.txt:1: .* has no reason"):
+        report.equivalents(tmp_path)
