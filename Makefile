@@ -41,9 +41,11 @@ plots-template: setup
 # Mutation testing (slow; not in CI): mutate pipeline/data, models, train and the report's table
 # code, run the fast unit tests (tests/unit) against each mutant, print the kill rate per module.
 # MUTATE=pipeline.train.* limits the run to some mutants (a glob on mutant names).
+# One BLAS/OpenMP thread per mutant: mutmut already runs MUTATE_JOBS of them side by side.
 mutate: setup
 	rm -rf mutants
-	"$(BIN)/mutmut" run --max-children $${MUTATE_JOBS:-2} $(MUTATE) || true
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 TQDM_DISABLE=1 \
+		"$(BIN)/mutmut" run --max-children $${MUTATE_JOBS:-2} $(if $(MUTATE),'$(MUTATE)')
 	"$(BIN)/python" -m bench.mutation_report --survivors
 .PHONY: postgres team-up team-down wheels gpu-check
 
