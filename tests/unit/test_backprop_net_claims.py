@@ -225,6 +225,17 @@ def test_backward_equals_central_finite_differences_for_every_parameter():
         assert np.allclose(grads[name], numeric[name], rtol=1e-6, atol=1e-8), name
 
 
+def test_backward_stays_finite_when_the_true_class_probability_underflows_to_zero():
+    p, x = _hand_case()
+    p["b3"] = np.array([0.0, -2000.0])              # softmax gives exactly 0 to class 1
+    y = np.array([[0.0, 1.0]])
+    y_hat, cache = net.forward(p, x)
+    assert y_hat[0, 1] == 0.0
+    grads = net.backward(p, cache, y)              # -1/Ŷ is clipped at -1e300: no inf, no 0 * inf
+    assert all(np.isfinite(grads[name]).all() for name in NAMES)
+    assert net.cross_entropy(y_hat, y) == pytest.approx(-math.log(1e-300), rel=1e-14)
+
+
 def test_loss_and_grads_returns_the_loss_and_the_given_backward_functions_grads():
     p, x, y = _random_case(seed=4)
     loss, grads = net.loss_and_grads(p, x, y)
