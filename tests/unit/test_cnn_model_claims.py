@@ -122,6 +122,8 @@ def test_build_refuses_an_unknown_model_naming_the_choices():
 
 def test_pretrained_resnet_loads_the_local_state_dict_and_checks_its_sha256(resnet_file, resnet_ref):
     digest = hashlib.sha256(resnet_file.read_bytes()).hexdigest()
+    with pytest.raises(cnn.ModelError, match="refusing to load it"):
+        cnn.build("resnet18", 5, pretrained=True, weights_file=str(resnet_file), weights_sha256="f" * 64)
     model = cnn.build("resnet18", 5, pretrained=True, weights_file=str(resnet_file), weights_sha256=digest)
     saved, state = resnet_ref.state_dict(), model.state_dict()
     body = [k for k in saved if not k.startswith("fc.")]
@@ -167,23 +169,39 @@ class _Payload:
     """Anything but tensors and containers: loading it would run arbitrary unpickling."""
 
 
-def test_weights_are_loaded_with_weights_only_no_arbitrary_pickles(tmp_path):
+def test_weights_are_loaded_with_weights_only_no_arbitrary_pickles(tmp_path, monkeypatch):
     path = tmp_path / "evil.pt"
     torch.save({"conv1.weight": _Payload()}, path)
+    # explicitly: even where the environment turns torch's weights_only default off
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(pickle.UnpicklingError):
         cnn._imagenet_state_dict("resnet18", str(path), "")
 
 
+def test_weights_saved_on_another_device_are_loaded_onto_the_cpu(tmp_path, monkeypatch):
+    """A checkpoint whose tensors are tagged with a device this machine does not have (as one
+    saved from a GPU is on a CPU-only machine) loads, onto the CPU."""
+    tagging = {"on": True}
+    entry = (1, lambda obj: "elsewhere" if tagging["on"] else None, lambda obj, location: None)
+    monkeypatch.setattr(torch.serialization, "_package_registry", [entry, *torch.serialization._package_registry])
+    path = tmp_path / "elsewhere.pt"
+    torch.save({"fc.weight": torch.arange(4.0)}, path)
+    tagging["on"] = False
+    with pytest.raises(RuntimeError, match="elsewhere"):
+        torch.load(path, weights_only=True)                 # what loading without map_location does
+    state = cnn._imagenet_state_dict("resnet18", str(path), "")
+    assert state["fc.weight"].device.type == "cpu" and torch.equal(state["fc.weight"], torch.arange(4.0))
+
+
 def test_weights_that_do_not_fit_the_architecture_are_refused(resnet_ref, tmp_path):
+    # one key too many is enough to refuse (the load is not strict, the check is)
     state = dict(resnet_ref.state_dict())
-    del state["layer1.0.conv1.weight"]
     state["extra.weight"] = torch.zeros(1)
-    path = tmp_path / "partial.pt"
+    path = tmp_path / "extra.pt"
     torch.save(state, path)
     with pytest.raises(cnn.ModelError) as caught:
         cnn.build("resnet18", 3, pretrained=True, weights_file=str(path))
-    assert "weights do not fit torchvision's resnet18: missing ['layer1.0.conv1.weight'], " \
-           "unexpected ['extra.weight']" in str(caught.value)
+    assert "weights do not fit torchvision's resnet18: missing [], unexpected ['extra.weight']" in str(caught.value)
 
 
 def test_pretrained_grayscale_stem_is_the_sum_of_the_rgb_kernels(resnet_file, resnet_ref):
@@ -245,8 +263,10 @@ def _fake_download(monkeypatch, result):
 def test_without_a_file_the_torchvision_download_is_used_with_its_hash_checked(monkeypatch, resnet_ref):
     state = resnet_ref.state_dict()
     calls = _fake_download(monkeypatch, state)
-    assert cnn._imagenet_state_dict("resnet18", "", "") is state
+    model = cnn.build("resnet18", 6, pretrained=True)
     assert calls == [(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, (), {"progress": False, "check_hash": True})]
+    assert torch.equal(model.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+    assert model.fc.out_features == 6
 
 
 @pytest.mark.parametrize("name,file", [("resnet18", "resnet18-f37072fd.pth"),
