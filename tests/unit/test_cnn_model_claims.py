@@ -260,7 +260,7 @@ def _fake_download(monkeypatch, result):
     return calls
 
 
-def test_without_a_file_the_torchvision_download_is_used_with_its_hash_checked(monkeypatch, resnet_ref):
+def test_pretrained_without_a_file_builds_from_torchvisions_download_with_its_hash_checked(monkeypatch, resnet_ref):
     state = resnet_ref.state_dict()
     calls = _fake_download(monkeypatch, state)
     model = cnn.build("resnet18", 6, pretrained=True)
