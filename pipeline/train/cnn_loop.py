@@ -276,8 +276,10 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             loss = train_step(net, optimizer, x[mine], train_split.labels[index][mine], train_split.task)
             seconds_per_step = timer.end()
             if seconds_per_step is not None and world.is_main:
+                paused = time.perf_counter()   # the projection's evaluation batch is not training time
                 progress.say(projection(model, splits, cfg, label, seconds_per_step, steps_per_epoch,
                                         cfg.epochs - epoch + 1))
+                tick += time.perf_counter() - paused
             bar.step(loss)
             step += 1
             result.images_seen += len(index)
