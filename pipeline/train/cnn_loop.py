@@ -76,13 +76,18 @@ class DeviceSplit:
 DEVICE_SHARE = 0.5
 
 
+def too_big_for(data: ImageSet, device: torch.device) -> bool:
+    """Whether the image splits would take more than DEVICE_SHARE of the CUDA device's free memory."""
+    return device.type == "cuda" and \
+        sum(a.nbytes for a in data.images.values()) > DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+
+
 def to_device(data: ImageSet, device: torch.device, keep_on_host: bool | None = None,
               size: int = 0) -> dict[str, DeviceSplit]:
     """Every split on the device, or (keep_on_host, or by default when the splits would take more
     than DEVICE_SHARE of the device's free memory) in pinned host memory, batches copied over."""
     if keep_on_host is None:
-        keep_on_host = device.type == "cuda" and \
-            sum(a.nbytes for a in data.images.values()) > DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+        keep_on_host = too_big_for(data, device)
         if keep_on_host:
             print("the image splits do not fit on the device: kept in pinned host memory, batches copied over")
     splits = {}

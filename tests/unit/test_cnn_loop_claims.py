@@ -355,11 +355,12 @@ def test_batch_is_normalised_channels_last_and_resized_only_when_a_size_is_set(o
 # ---- small pieces: out-of-memory advice, autocast, determinism, source digest, fingerprint ------------
 
 def test_out_of_memory_becomes_advice_naming_the_params_to_halve():
-    cfg = _cfg(batch_size=64, eval_batch_size=3)
-    message = ("CUDA out of memory with cnn.batch_size=64 and cnn.eval_batch_size=3; try smaller values, e.g. "
-               "`dvc exp run -S cnn.defaults.batch_size=32` or `-S cnn.defaults.eval_batch_size=1`")
+    cfg = _cfg(batch_size=64, eval_batch_size=10)
+    message = ("CUDA out of memory with cnn.batch_size=64 and cnn.eval_batch_size=10; try smaller values, e.g. "
+               "`dvc exp run -S cnn.defaults.batch_size=32` or `-S cnn.defaults.eval_batch_size=5`")
     assert cnn_loop.out_of_memory_message(cfg) == message
-    assert "batch_size=1`" in cnn_loop.out_of_memory_message(_cfg(batch_size=1, eval_batch_size=1))
+    assert cnn_loop.out_of_memory_message(_cfg(batch_size=1, eval_batch_size=1)).endswith(
+        "`dvc exp run -S cnn.defaults.batch_size=1` or `-S cnn.defaults.eval_batch_size=1`")
     with pytest.raises(StageError) as raised:
         with cnn_loop.out_of_memory_advice(cfg):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
@@ -628,9 +629,11 @@ def test_projection_times_one_evaluation_batch_without_changing_anything(monkeyp
     monkeypatch.setattr(progress, "projection_message",
                         lambda *a, **k: (calls.__setitem__("message", (a, k)), "message")[1])
     clock = _Clock()
+    clock.now = 1000.0
     monkeypatch.setattr(cnn_loop, "time", clock)
     model = Timed(clock)
     splits = _splits()
+    splits["val"] = replace(splits["val"], images=torch.zeros(6, 4, 5, 3, dtype=torch.uint8))   # 4 high, 5 wide
     cfg = _cfg(eval_batch_size=4, log_every=5, epochs=7)
     seen = []
     monkeypatch.setattr(cnn_loop, "predict", lambda m, split, bs: seen.append((len(split.labels), len(split.images),
@@ -645,3 +648,165 @@ def test_projection_times_one_evaluation_batch_without_changing_anything(monkeyp
     seen.clear()
     cnn_loop.projection(model, splits, replace(cfg, eval_batch_size=50), "r", 0.5, 1, 1)
     assert seen == [(6, 6, 6, 50)] and calls["message"][1]["size"] == 9
+
+
+def test_to_device_defaults_to_the_images_own_size():
+    assert all(split.size == 0 for split in cnn_loop.to_device(_image_set(), CPU).values())
+
+
+def test_splits_stay_on_the_host_only_when_they_exceed_the_share_of_free_cuda_memory(monkeypatch):
+    data = _image_set()
+    nbytes = sum(a.nbytes for a in data.images.values())
+    asked = []
+    for free, expected in ((2 * nbytes, False), (2 * nbytes - 1, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (asked.append(device), (free, 10 ** 12))[1])
+        assert cnn_loop.too_big_for(data, torch.device("cuda", 1)) is expected
+    assert asked == [torch.device("cuda", 1)] * 2 and cnn_loop.DEVICE_SHARE == 0.5
+    assert cnn_loop.too_big_for(data, CPU) is False                 # the CPU: never (and no CUDA query)
+    assert len(asked) == 2
+
+
+class _Recorded(Scripted):
+    def __init__(self):
+        super().__init__()
+        self.to_calls = []
+
+    def to(self, *args, **kwargs):
+        self.to_calls.append((args, kwargs))
+        return super().to(*args, **kwargs)
+
+
+def test_model_generator_permutation_and_shards_live_on_the_training_device(monkeypatch):
+    seen = {"generator": [], "randperm": [], "shard": [], "wrap": []}
+    real_generator, real_randperm, real_shard = torch.Generator, torch.randperm, cnn_loop.distributed.shard
+    monkeypatch.setattr(cnn_loop.torch, "Generator", lambda device=None: (seen["generator"].append(device),
+                                                                        real_generator(device=device))[1])
+    monkeypatch.setattr(cnn_loop.torch, "randperm", lambda *a, **k: (seen["randperm"].append(k.get("device")),
+                                                                     real_randperm(*a, **k))[1])
+    monkeypatch.setattr(cnn_loop.distributed, "shard", lambda n, world, device: (seen["shard"].append(device),
+                                                                                real_shard(n, world, device))[1])
+    monkeypatch.setattr(cnn_loop.distributed, "wrap", lambda model, world, device: (seen["wrap"].append(device),
+                                                                                   model)[1])
+    model = _Recorded()
+    _train(_cfg(epochs=2), model=model)
+    assert model.to_calls[0] == ((CPU,), {"memory_format": torch.channels_last})
+    assert seen == {"generator": [CPU], "randperm": [CPU, CPU], "shard": [CPU, CPU], "wrap": [CPU]}
+
+
+def test_a_multi_label_split_trains_on_the_binary_cross_entropy():
+    ml = "multi-label, binary-class"
+    labels = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]], dtype=np.uint8)
+    images = torch.zeros(4, 4, 4, 3, dtype=torch.uint8)
+    train_split = DeviceSplit(images, cnn_loop.tasks.targets(labels, ml), labels, task=ml)
+    splits = {**_splits(), "train": train_split}
+    _, result, _ = _train(_cfg(epochs=1, lr=1e-9, log_every=1, batch_size=4), splits=splits)
+    w = torch.tensor([0.5, -0.2, 0.1])
+    by_hand = torch.nn.functional.binary_cross_entropy_with_logits(w.expand(4, -1), torch.from_numpy(labels).float())
+    assert result.curve[0]["train_loss"] == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_training_batches_are_rotated_with_the_configured_interpolation():
+    cfg = _cfg(epochs=1, augment=["rotation"], rotation_degrees=30.0, rotation_interpolation="bilinear",
+               max_steps_per_epoch=0, batch_size=4)
+    splits = {**_splits(), "train": _random_split(4, 8)}
+    model, _, _ = _train(cfg, splits=splits, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    order = torch.randperm(4, generator=generator)
+    want = augment.rotate(splits["train"].batch(order), 30.0, generator, "bilinear")
+    assert torch.equal(model.train_inputs[0], want)
+    same_draws = torch.Generator().manual_seed(3)
+    torch.randperm(4, generator=same_draws)
+    assert not torch.equal(want, augment.rotate(splits["train"].batch(order), 30.0, same_draws, "nearest"))
+
+
+def test_resume_without_a_checkpoint_directory_trains_afresh():
+    model, result, _ = _train(_cfg(epochs=2, resume=True))
+    assert result.resumed_from == 0 and result.checkpoint is None and len(model.train_inputs) == 2
+
+
+def test_the_checkpoint_of_a_run_without_a_data_source_is_named_by_its_fingerprint(tmp_path):
+    cfg = _cfg(epochs=1)
+    _, result, _ = _train(cfg, checkpoint_dir=tmp_path)
+    assert result.checkpoint == tmp_path / f"{cnn_loop.fingerprint(cfg, 0, _splits(), '')[:16]}.pt"
+    assert result.checkpoint.exists()
+
+
+def test_resumed_training_time_is_exactly_the_uninterrupted_runs(tmp_path, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(cnn_loop, "time", clock)
+    cfg = _cfg(epochs=3, max_steps_per_epoch=0, batch_size=4, log_every=2)
+    _, straight, _ = _train(cfg, splits=_splits(8), model=Timed(clock), checkpoint_dir=tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_3(metrics, step):
+        if "lr" in metrics and step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        cnn_loop.train(Timed(clock), _splits(8), cfg, 0, stop_in_epoch_3, checkpoint_dir=tmp_path / "b")
+    _, resumed, _ = _train(replace(cfg, resume=True), splits=_splits(8), model=Timed(clock),
+                           checkpoint_dir=tmp_path / "b")
+    assert straight.train_seconds == 6.0 and resumed.train_seconds == 6.0 and resumed.resumed_from == 2
+    assert resumed.checkpoint == straight.checkpoint.parent.parent / "b" / straight.checkpoint.name
+
+
+def test_console_output_reports_this_runs_numbers(monkeypatch):
+    """The bars, the one projection (main process) and the epoch lines carry the run's own values."""
+    from pipeline import progress
+    from pipeline.train.distributed import World
+    bars, lines, said, projected = [], [], [], []
+    real_bar = progress.bar
+
+    def bar(*args, **kwargs):
+        made = real_bar(*args, **kwargs)
+        bars.append((args, kwargs, made))
+        return made
+
+    monkeypatch.setattr(progress, "bar", bar)
+    monkeypatch.setattr(progress, "epoch_line", lambda *a, **k: lines.append((a, k)))
+    monkeypatch.setattr(progress, "say", said.append)
+    monkeypatch.setattr(cnn_loop, "projection", lambda *a: projected.append(a) or "projected!")
+    clock = _Clock()
+    monkeypatch.setattr(cnn_loop, "time", clock)
+    cfg = _cfg(epochs=2, max_steps_per_epoch=0, batch_size=2, scheduler="step", step_size=1, step_gamma=0.5,
+               lr=0.05)
+    model = Timed(clock)
+    splits = _splits(6)
+    _, result, logs = _train(cfg, splits=splits, model=model, label="net")
+    losses = _expected_losses_with_lrs(cfg, [0.05] * 3 + [0.025] * 3)
+    assert [(a, k["items_per_step"], k.get("disable")) for a, k, _ in bars] == \
+        [((3, "net epoch 1/2"), 2, None), ((3, "net epoch 2/2"), 2, None)]
+    assert said == ["projected!"] and len(projected) == 1
+    p = projected[0]
+    assert p[0] is model and p[1] is splits and p[2] == cfg and p[3] == "net" and p[5:] == (3, 2)
+    assert isinstance(p[4], float) and p[4] > 0          # seconds per timed step
+    epoch_logs = [m for m, _ in logs if "lr" in m]
+    assert len(lines) == 2
+    for epoch, ((args, kwargs), logged) in enumerate(zip(lines, epoch_logs), 1):
+        assert args == (epoch, 2, 203.0)        # 3 training steps and 2 validation batches on the fake clock
+        assert kwargs["prefix"] == "net" and kwargs["lr"] == [0.05, 0.025][epoch - 1]
+        assert kwargs["val_auc"] == logged["epoch_val_auc"] and kwargs["val_acc"] == logged["epoch_val_acc"]
+        assert kwargs["train_loss"] == pytest.approx(np.mean(losses[3 * (epoch - 1):3 * epoch]), rel=1e-5)
+    # Another rank: no projection, no epoch lines, its bars turned off.
+    bars.clear(), lines.clear(), said.clear(), projected.clear()
+    monkeypatch.setattr(cnn_loop.distributed, "wrap", lambda model, world, device: model)
+    cnn_loop.train(Timed(clock), splits, cfg, 0, lambda m, s: None, world=World(1, 2, 1))
+    assert said == [] and projected == [] and lines == []
+    assert [k.get("disable") for _, k, _ in bars] == [True, True]
+
+
+def _expected_losses_with_lrs(cfg, lrs):
+    ref = nn.Parameter(torch.tensor([0.5, -0.2, 0.1]))
+    optimizer = torch.optim.Adam([ref], lr=lrs[0])
+    out = []
+    for lr in lrs:
+        optimizer.param_groups[0]["lr"] = lr
+        loss = torch.nn.functional.cross_entropy(ref.expand(cfg.batch_size, -1),
+                                                 torch.zeros(cfg.batch_size, dtype=torch.long))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        out.append(loss.item())
+    return out
