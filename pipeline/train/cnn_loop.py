@@ -76,13 +76,18 @@ class DeviceSplit:
 DEVICE_SHARE = 0.5
 
 
+def too_big_for(data: ImageSet, device: torch.device) -> bool:
+    """Whether the image splits would take more than DEVICE_SHARE of the CUDA device's free memory."""
+    return device.type == "cuda" and \
+        sum(a.nbytes for a in data.images.values()) > DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+
+
 def to_device(data: ImageSet, device: torch.device, keep_on_host: bool | None = None,
               size: int = 0) -> dict[str, DeviceSplit]:
     """Every split on the device, or (keep_on_host, or by default when the splits would take more
     than DEVICE_SHARE of the device's free memory) in pinned host memory, batches copied over."""
     if keep_on_host is None:
-        keep_on_host = device.type == "cuda" and \
-            sum(a.nbytes for a in data.images.values()) > DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+        keep_on_host = too_big_for(data, device)
         if keep_on_host:
             print("the image splits do not fit on the device: kept in pinned host memory, batches copied over")
     splits = {}
@@ -276,8 +281,10 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             loss = train_step(net, optimizer, x[mine], train_split.labels[index][mine], train_split.task)
             seconds_per_step = timer.end()
             if seconds_per_step is not None and world.is_main:
+                paused = time.perf_counter()   # the projection's evaluation batch is not training time
                 progress.say(projection(model, splits, cfg, label, seconds_per_step, steps_per_epoch,
                                         cfg.epochs - epoch + 1))
+                tick += time.perf_counter() - paused
             bar.step(loss)
             step += 1
             result.images_seen += len(index)

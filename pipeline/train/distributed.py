@@ -75,7 +75,8 @@ def shard(n: int, world: World, device: torch.device) -> torch.Tensor:
         return positions
     pad = (-n) % world.size
     if pad:   # repeat from the start, as DistributedSampler does, so every rank has as many items
-        positions = torch.cat([positions, positions[:pad]])
+        # (as often as needed: a batch smaller than the padding is repeated more than once)
+        positions = torch.cat([positions, positions.repeat(-(-pad // n))[:pad]])
     return positions[world.rank::world.size]
 
 

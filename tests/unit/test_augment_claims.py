@@ -77,3 +77,102 @@ def test_to_input_maps_pixels_to_minus_one_one():
     u8 = torch.tensor([0, 51, 255], dtype=torch.uint8)
     out = augment.to_input(u8)
     assert out.dtype == torch.float32 and torch.allclose(out, torch.tensor([-1.0, 51 / 127.5 - 1, 1.0]))
+
+
+def _reference_rotation(x: torch.Tensor, angle: float, mode: str) -> torch.Tensor:
+    """Rotation written out pixel by pixel (float64): each output pixel centre, in coordinates
+    normalised to [-1, 1] over the pixel edges (align_corners=False), maps through the rotation
+    [[cos, -sin], [sin, cos]] into the input; nearest takes the closest pixel, bilinear weighs the
+    four around it; outside the image counts as black (-1)."""
+    n, c, h, w = x.shape
+    src = x.double()
+    out = torch.full_like(src, -1.0)
+    cos, sin = math.cos(angle), math.sin(angle)
+    for i in range(h):
+        for j in range(w):
+            xn, yn = (2 * j + 1) / w - 1, (2 * i + 1) / h - 1
+            xs, ys = cos * xn - sin * yn, sin * xn + cos * yn
+            px, py = ((xs + 1) * w - 1) / 2, ((ys + 1) * h - 1) / 2
+            if mode == "nearest":
+                taps = [(round(py), round(px), 1.0)]
+            else:
+                x0, y0 = math.floor(px), math.floor(py)
+                fx, fy = px - x0, py - y0
+                taps = [(y0, x0, (1 - fx) * (1 - fy)), (y0, x0 + 1, fx * (1 - fy)),
+                        (y0 + 1, x0, (1 - fx) * fy), (y0 + 1, x0 + 1, fx * fy)]
+            value = torch.zeros(n, c, dtype=torch.float64)
+            inside = 0.0
+            for yy, xx, weight in taps:
+                if 0 <= yy < h and 0 <= xx < w:
+                    value += weight * src[:, :, yy, xx]
+                    inside += weight
+            out[:, :, i, j] = value + inside - 1
+    return out
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("degrees", [35.0, -65.0, 90.0])
+def test_rotate_by_is_the_rotation_written_out_pixel_by_pixel(mode, degrees):
+    x = _images(n=2, size=7, seed=3)
+    x[:, :, 0, :] = 1.0                     # not symmetric under any reflection
+    angle = math.radians(degrees)
+    got = augment.rotate_by(x, torch.tensor([angle, angle]), mode)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), _reference_rotation(x, angle, mode), atol=2e-5)
+
+
+def test_nearest_keeps_the_input_values_and_bilinear_blends_them():
+    x = _images(n=1, size=8, seed=9)
+    angle = torch.tensor([math.radians(25.0)])
+    nearest, bilinear = augment.rotate_by(x, angle, "nearest"), augment.rotate_by(x, angle, "bilinear")
+    allowed = torch.cat([x.reshape(-1), torch.tensor([-1.0])])
+    assert torch.isin(nearest, allowed).all()
+    assert not torch.isin(bilinear, allowed).all()
+    assert torch.equal(augment.rotate_by(x, angle), nearest)        # nearest by default
+
+
+def test_rotate_uses_the_interpolation_it_is_given():
+    x = _images(n=3, size=8, seed=10)
+    for mode in ("nearest", "bilinear"):
+        out = augment.rotate(x, 40.0, torch.Generator().manual_seed(1), mode)
+        angles = (torch.rand(3, generator=torch.Generator().manual_seed(1)) * 2 - 1) * math.radians(40.0)
+        assert torch.equal(out, augment.rotate_by(x, angles, mode))
+        assert torch.equal(augment.apply(x, ["rotation"], 40.0, torch.Generator().manual_seed(1), mode), out)
+    assert not torch.equal(augment.rotate(x, 40.0, torch.Generator().manual_seed(1), "bilinear"),
+                           augment.rotate(x, 40.0, torch.Generator().manual_seed(1), "nearest"))
+    with pytest.raises(ValueError, match="unknown rotation interpolation 'cubic'; choose from nearest, bilinear"):
+        augment.rotate_by(x, torch.zeros(3), "cubic")
+
+
+def test_rotation_keeps_the_batchs_float_dtype():
+    x = _images(n=2, size=6).double()
+    angles = torch.tensor([0.3, -0.7])              # float32 angles, float64 images
+    out = augment.rotate_by(x, angles, "bilinear")
+    assert out.dtype == torch.float64
+    assert torch.allclose(out[:1], _reference_rotation(x[:1], float(angles[0]), "bilinear"), atol=1e-6)
+
+
+def test_rotation_and_flip_emit_no_warnings():
+    import warnings
+    x = _images(n=2, size=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for mode in ("nearest", "bilinear"):
+            augment.apply(x, ["rotation", "hflip"], 20.0, torch.Generator().manual_seed(0), mode)
+
+
+def test_a_flip_probability_of_zero_never_flips_even_on_a_zero_draw(monkeypatch):
+    x = _images(n=3, size=4)
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.tensor([0.0, 0.25, 0.7]))
+    assert torch.equal(augment.hflip(x, torch.Generator(), 0.0), x)
+    out = augment.hflip(x, torch.Generator(), 0.25)      # only the draw below p flips
+    assert torch.equal(out[0], x[0].flip(-1)) and torch.equal(out[1:], x[1:])
+
+
+def test_the_random_draws_are_made_on_the_batchs_device(monkeypatch):
+    x = _images(n=2, size=4)
+    devices, rand = [], torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: (devices.append(k.get("device")), rand(*a, **k))[1])
+    augment.hflip(x, torch.Generator())
+    augment.rotate(x, 10.0, torch.Generator())
+    assert devices == [x.device, x.device]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +287,526 @@ def test_device_resolution(monkeypatch):
         devices.resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert devices.resolve_device("auto") == torch.device("cuda")
+
+
+# ---- to_device and the batches ----------------------------------------------------------------------
+
+def _image_set(task="multi-class"):
+    from pipeline.data.images import ImageSet
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for s, n in (("train", 5), ("val", 3), ("test", 2))}
+    if task == "multi-label, binary-class":
+        labels = {s: rng.integers(0, 2, (len(a), 3)).astype(np.uint8) for s, a in images.items()}
+    else:
+        labels = {s: rng.integers(0, 2, (len(a), 1)).astype(np.uint8) for s, a in images.items()}
+    return ImageSet(images=images, labels=labels, task=task, **_image_set_extra())
+
+
+def _image_set_extra():
+    import inspect
+
+    from pipeline.data.images import ImageSet
+    names = [p for p in inspect.signature(ImageSet).parameters if p not in ("images", "labels", "task")]
+    defaults = {"n_classes": 2, "classes": ["a", "b"], "source": "synthetic", "flag": "pathmnist", "size": 4,
+                "channels": 3, "mean": 0.5, "std": 0.5}
+    return {k: defaults.get(k) for k in names
+            if inspect.signature(ImageSet).parameters[k].default is inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("task", ["multi-class", "multi-label, binary-class"])
+@pytest.mark.parametrize("keep_on_host", [None, False, True])
+def test_to_device_holds_every_split_with_the_tasks_targets(task, keep_on_host):
+    data = _image_set(task)
+    splits = cnn_loop.to_device(data, CPU, keep_on_host=keep_on_host, size=6)
+    assert list(splits) == ["train", "val", "test"]
+    for s, split in splits.items():
+        assert torch.equal(split.images, torch.from_numpy(data.images[s])) and split.images.dtype == torch.uint8
+        assert torch.equal(split.labels, cnn_loop.tasks.targets(data.labels[s], task))
+        assert split.labels.dtype == (torch.float32 if task != "multi-class" else torch.int64)
+        assert split.labels_np is data.labels[s]
+        assert split.device == CPU and split.task == task and split.size == 6
+        assert split.on_host is bool(keep_on_host)
+        assert not split.images.is_pinned()
+
+
+def test_a_split_computes_where_its_images_are_unless_told():
+    images = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
+    assert DeviceSplit(images, torch.zeros(2), np.zeros(2)).device == CPU
+    meta = torch.device("meta")
+    assert DeviceSplit(images, torch.zeros(2), np.zeros(2), device=meta).device == meta
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_batch_is_normalised_channels_last_and_resized_only_when_a_size_is_set(on_host):
+    split = replace(_random_split(5, 4, size=6), on_host=on_host)
+    index = torch.tensor([3, 1, 4])
+    expected = split.images[index].permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = split.batch(index)
+    assert x.shape == (3, 3, 6, 6) and torch.allclose(x, expected, atol=1e-6)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    for size in (6, 9):
+        big = replace(split, size=size).batch(index)
+        assert big.shape == (3, 3, size, size)
+        assert torch.allclose(big, torch.nn.functional.interpolate(expected, size=(size, size), mode="bilinear",
+                                                                   align_corners=False), atol=1e-6)
+    assert not torch.allclose(replace(split, size=9).batch(index)[:, :, :6, :6], expected)
+
+
+# ---- small pieces: out-of-memory advice, autocast, determinism, source digest, fingerprint ------------
+
+def test_out_of_memory_becomes_advice_naming_the_params_to_halve():
+    cfg = _cfg(batch_size=64, eval_batch_size=10)
+    message = ("CUDA out of memory with cnn.batch_size=64 and cnn.eval_batch_size=10; try smaller values, e.g. "
+               "`dvc exp run -S cnn.defaults.batch_size=32` or `-S cnn.defaults.eval_batch_size=5`")
+    assert cnn_loop.out_of_memory_message(cfg) == message
+    assert cnn_loop.out_of_memory_message(_cfg(batch_size=1, eval_batch_size=1)).endswith(
+        "`dvc exp run -S cnn.defaults.batch_size=1` or `-S cnn.defaults.eval_batch_size=1`")
+    with pytest.raises(StageError) as raised:
+        with cnn_loop.out_of_memory_advice(cfg):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+    assert str(raised.value) == message and raised.value.__cause__ is None and raised.value.__suppress_context__
+    with pytest.raises(ValueError, match="other"):
+        with cnn_loop.out_of_memory_advice(cfg):
+            raise ValueError("other")
+
+
+def test_autocast_is_bf16_and_only_on_cuda():
+    cpu = cnn_loop._autocast(CPU)
+    assert cpu.device == "cpu" and cpu._enabled is False
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else _nothing():
+        cuda = cnn_loop._autocast(torch.device("cuda"))
+    assert cuda.device == "cuda" and cuda.fast_dtype == torch.bfloat16
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_set_determinism_seeds_torch_and_on_cuda_asks_for_deterministic_kernels(monkeypatch):
+    cnn_loop.set_determinism(123, CPU)
+    assert torch.initial_seed() == 123
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append((a, k)))
+    cnn_loop.set_determinism(5, CPU)
+    assert torch.backends.cudnn.benchmark is True and calls == [] and "CUBLAS_WORKSPACE_CONFIG" not in __import__("os").environ
+    cnn_loop.set_determinism(7, torch.device("cuda"))
+    assert torch.initial_seed() == 7
+    assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
+    assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert calls == [((True,), {"warn_only": True})]
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    cnn_loop.set_determinism(7, torch.device("cuda"))
+    assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"     # a user's setting is kept
+
+
+def test_source_digest_is_the_sorted_unique_files_names_and_contents(tmp_path):
+    import hashlib
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n"), b.write_text("y = 2\n")
+    by_hand = hashlib.sha256(b"a.py\0x = 1\n\0" + b"b.py\0y = 2\n\0").hexdigest()
+    assert cnn_loop.source_digest([b, a]) == cnn_loop.source_digest([a, str(b), a]) == by_hand
+    b.write_text("y = 3\n")
+    assert cnn_loop.source_digest([a, b]) != by_hand
+    assert cnn_loop.LOOP_SOURCES == (Path(cnn_loop.__file__), Path(augment.__file__))
+
+
+def test_fingerprint_is_the_hash_of_exactly_what_training_depends_on(tmp_path):
+    import hashlib
+    import json
+    from dataclasses import asdict
+    extra = tmp_path / "stage.py"
+    extra.write_text("print('stage')\n")
+    splits = {s: replace(split, task="binary-class", size=8) for s, split in _splits().items()}
+    cfg = _cfg()
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "eval_batch_size", "log_every")}
+    shapes = {s: list(split.images.shape) for s, split in splits.items()}
+    code = cnn_loop.source_digest([*cnn_loop.LOOP_SOURCES, extra])
+    by_hand = hashlib.sha256(json.dumps([relevant, 3, shapes, ["src", "binary-class", 8], "cpu", code],
+                                        sort_keys=True).encode()).hexdigest()
+    key = cnn_loop.fingerprint(cfg, 3, splits, "src", code_files=[extra])
+    assert key == by_hand
+    extra.write_text("print('changed')\n")
+    assert cnn_loop.fingerprint(cfg, 3, splits, "src", code_files=[extra]) != key
+    assert cnn_loop.fingerprint(cfg, 3, {**splits, "train": replace(splits["train"], task="multi-class")}, "src",
+                                code_files=[extra]) != cnn_loop.fingerprint(cfg, 3, splits, "src", code_files=[extra])
+
+
+# ---- the loop: mode, seed, timing, logs, checkpoints, ranks -------------------------------------------
+
+def test_training_puts_the_model_in_train_mode_and_seeds_torch():
+    model = Scripted().eval()
+    _, result, _ = _train(_cfg(epochs=2, select_by="acc"), model=model, seed=11)
+    assert len(model.train_inputs) == 2 and result.best_epoch == 2     # it trained (train-mode forwards)
+    assert torch.initial_seed() == 11
+
+
+def test_training_moves_the_model_to_channels_last():
+    model = _conv_model()
+    cfg = _cfg(epochs=1, max_steps_per_epoch=1, batch_size=4)
+    cnn_loop.train(model, {"train": _random_split(4, 5), "val": _random_split(6, 6), "test": _random_split(3, 7)},
+                   cfg, 0, lambda m, s: None)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last) and not model[0].weight.is_contiguous()
+
+
+def test_multi_label_train_step_is_a_step_on_the_binary_cross_entropy():
+    w = nn.Parameter(torch.tensor([[0.3, -0.2], [0.1, 0.4]]))
+    ref = nn.Parameter(w.detach().clone())
+    x, y = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+    class Lin(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+
+        def forward(self, x):
+            return x @ self.p
+
+    loss = cnn_loop.train_step(Lin(w), torch.optim.SGD([w], lr=0.5), x, y, "multi-label, binary-class")
+    ref_loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ ref, y)
+    ref_loss.backward()
+    with torch.no_grad():
+        ref -= 0.5 * ref.grad
+    assert torch.isclose(loss, ref_loss.detach()) and torch.allclose(w, ref)
+
+
+class _Clock:
+    """A fake perf_counter: only a model's forward passes move it (1 s per training step, 100 s per
+    evaluation batch), so the measured training time is exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class Timed(Scripted):
+    def __init__(self, clock, table=TABLE):
+        super().__init__(table)
+        self.clock = clock
+
+    def forward(self, x):
+        self.clock.now += 1.0 if self.training else 100.0
+        return super().forward(x)
+
+
+def test_train_seconds_count_the_training_steps_only_not_the_evaluations(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(cnn_loop, "time", clock)
+    cfg = _cfg(epochs=2, max_steps_per_epoch=0, batch_size=2, log_every=2, eval_batch_size=4)
+    model, result, logs = _train(cfg, splits=_splits(n_train=6), model=Timed(clock))
+    assert len(model.train_inputs) == 6 and result.train_seconds == 6.0
+
+
+def _expected_losses(cfg, steps, labels=0):
+    """The train losses of the Scripted model under Adam, step by step (no scheduler)."""
+    ref = nn.Parameter(torch.tensor([0.5, -0.2, 0.1]))
+    optimizer = torch.optim.Adam([ref], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    out = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(ref.expand(cfg.batch_size, -1), torch.zeros(cfg.batch_size, dtype=torch.long))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        out.append(loss.item())
+    return out
+
+
+def test_every_log_call_and_curve_row_is_exact():
+    cfg = _cfg(epochs=2, max_steps_per_epoch=0, batch_size=2, log_every=2, lr=0.05)
+    model, result, logs = _train(cfg, splits=_splits(n_train=6))
+    losses = _expected_losses(cfg, 6)
+    val = []
+    for steps in (2, 3, 4, 6):   # validation after steps 2, 3 (epoch end), 4, 6 (epoch end, = log)
+        scores = torch.softmax(TABLE[min(steps, 3)], 1).numpy()
+        val.append({"auc": getAUC(VAL_LABELS, scores, "multi-class"), "acc": getACC(VAL_LABELS, scores, "multi-class")})
+    expected_logs = [
+        ({"train_loss": (losses[0] + losses[1]) / 2, "val_auc": val[0]["auc"], "val_acc": val[0]["acc"]}, 2),
+        ({"epoch_val_auc": val[1]["auc"], "epoch_val_acc": val[1]["acc"], "lr": 0.05}, 3),
+        ({"train_loss": losses[3], "val_auc": val[2]["auc"], "val_acc": val[2]["acc"]}, 4),
+        ({"train_loss": (losses[4] + losses[5]) / 2, "val_auc": val[3]["auc"], "val_acc": val[3]["acc"]}, 6),
+        ({"epoch_val_auc": val[3]["auc"], "epoch_val_acc": val[3]["acc"], "lr": 0.05}, 6),
+    ]
+    assert [s for _, s in logs] == [s for _, s in expected_logs]
+    for (got, _), (want, _) in zip(logs, expected_logs):
+        assert got == pytest.approx(want, rel=1e-5) and set(got) == set(want)
+    rows = [{"step": s, "epoch": e, "train_loss": m["train_loss"], "val_auc": m["val_auc"], "val_acc": m["val_acc"]}
+            for (m, s), e in zip([expected_logs[0], expected_logs[2], expected_logs[3]], (1, 2, 2))]
+    assert result.curve == [pytest.approx(r, rel=1e-5) for r in rows]
+    # The running mean restarts with each epoch (step 3 of epoch 1 is in no row but the last epoch's).
+    cfg = _cfg(epochs=1, max_steps_per_epoch=0, batch_size=2, log_every=2, lr=0.05)
+    _, short, _ = _train(cfg, splits=_splits(n_train=6))
+    assert [r["step"] for r in short.curve] == [2, 3]
+    assert short.curve[1]["train_loss"] == pytest.approx(losses[2], rel=1e-5)
+
+
+def test_the_best_is_kept_when_no_epoch_beats_the_initial_minus_one():
+    zero = torch.zeros(4, 6, 3)      # AUC 0.5, ACC 1/3 every epoch: the first epoch is the best
+    model, result, _ = _train(_cfg(epochs=2, select_by="acc"), model=Scripted(zero))
+    assert result.best_epoch == 1 and int(model.steps) == 1 and result.best_val["acc"] == pytest.approx(1 / 3)
+
+
+def test_a_checkpoint_named_by_the_fingerprint_is_written_after_every_epoch(tmp_path):
+    cfg = _cfg(epochs=2)
+    seen = []
+
+    def log(metrics, step):
+        if "lr" in metrics:
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))
+
+    model = Scripted()
+    result = cnn_loop.train(model, _splits(), cfg, 0, log, checkpoint_dir=tmp_path, data_source="d")
+    key = cnn_loop.fingerprint(cfg, 0, _splits(), "d")
+    assert result.checkpoint == tmp_path / f"{key[:16]}.pt"
+    assert seen == [[], [f"{key[:16]}.pt"]]      # written after the epoch's log, before the next epoch
+    state = torch.load(result.checkpoint, weights_only=True)
+    assert state["fingerprint"] == key and state["epoch"] == 2 and state["step"] == 2
+    assert state["best_epoch"] == result.best_epoch and state["curve"] == result.curve
+    assert state["images_seen"] == 8 and state["train_seconds"] == result.train_seconds
+    assert int(state["model"]["steps"]) == 2 and torch.equal(state["best_state"]["steps"], result.best_state["steps"])
+    assert _train(cfg)[1].checkpoint is None
+
+
+def test_resume_restores_weights_optimizer_scheduler_and_random_stream(tmp_path):
+    # Last epoch best, cosine lr, hflip augmentation: only a full restore gives the straight run's end.
+    table = torch.stack([TABLE[0], TABLE[0], TABLE[3], TABLE[0], TABLE[2], TABLE[0], TABLE[1]])   # 2 steps/epoch
+    cfg = _cfg(epochs=3, select_by="auc", scheduler="cosine", augment=["hflip"], max_steps_per_epoch=0,
+               batch_size=4)
+    straight_model = Scripted(table)
+    _, straight, straight_logs = _train(cfg, splits=_splits(6), model=straight_model, checkpoint_dir=tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_2(metrics, step):
+        if "lr" in metrics and step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        cnn_loop.train(Scripted(table), _splits(6), cfg, 0, stop_after_epoch_2, checkpoint_dir=tmp_path / "b")
+    # An interrupted epoch 2: the checkpoint after epoch 1 is there.
+    saved = torch.load(next((tmp_path / "b").iterdir()), weights_only=True)
+    assert saved["epoch"] == 1 and saved["train_seconds"] > 0
+    model, resumed, logs = _train(replace(cfg, resume=True), splits=_splits(6), model=Scripted(table),
+                                  checkpoint_dir=tmp_path / "b")
+    assert resumed.resumed_from == 1 and resumed.best_epoch == straight.best_epoch == 3
+    assert torch.equal(model.w, straight_model.w)              # Adam's state came back
+    assert all(torch.equal(a, b) for a, b in zip(model.train_inputs, straight_model.train_inputs[2:]))
+    assert [m for m, _ in logs] == [m for m, _ in straight_logs[-2:]]      # lr of the cosine schedule
+    assert resumed.curve == straight.curve and resumed.images_seen == straight.images_seen == 18
+    assert resumed.train_seconds > saved["train_seconds"]
+
+
+def test_a_rank_other_than_the_first_trains_on_its_share_and_writes_no_checkpoint(tmp_path, monkeypatch):
+    from pipeline.train.distributed import World
+    wrapped = []
+    monkeypatch.setattr(cnn_loop.distributed, "wrap", lambda model, world, device: wrapped.append(world) or model)
+    cfg = _cfg(epochs=1, max_steps_per_epoch=0, batch_size=3)
+    model = Scripted()
+    world = World(1, 2, 1)
+    cnn_loop.train(model, _splits(6), cfg, 0, lambda m, s: None, checkpoint_dir=tmp_path, world=world)
+    assert wrapped == [world] and list(tmp_path.iterdir()) == []
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    split = _splits(6)["train"]
+    # Global batches of 3, padded to 4: this rank takes positions 1 and 3 (= 0) of each.
+    assert [x.shape[0] for x in model.train_inputs] == [2, 2]
+    assert torch.equal(model.train_inputs[0], split.batch(order[[1, 0]]))
+    assert torch.equal(model.train_inputs[1], split.batch(order[[4, 3]]))
+
+
+def test_projection_times_one_evaluation_batch_without_changing_anything(monkeypatch):
+    from pipeline import progress
+    calls = {}
+    monkeypatch.setattr(progress, "cnn_projection", lambda *a: calls.setdefault("projection", a) and (10.0, 2.0, "d"))
+    monkeypatch.setattr(progress, "cnn_projection", lambda *a: (calls.__setitem__("projection", a), (10.0, 2.0, "d"))[1])
+    monkeypatch.setattr(progress, "projection_message",
+                        lambda *a, **k: (calls.__setitem__("message", (a, k)), "message")[1])
+    clock = _Clock()
+    clock.now = 1000.0
+    monkeypatch.setattr(cnn_loop, "time", clock)
+    model = Timed(clock)
+    splits = _splits()
+    splits["val"] = replace(splits["val"], images=torch.zeros(6, 4, 5, 3, dtype=torch.uint8))   # 4 high, 5 wide
+    cfg = _cfg(eval_batch_size=4, log_every=5, epochs=7)
+    seen = []
+    monkeypatch.setattr(cnn_loop, "predict", lambda m, split, bs: seen.append((len(split.labels), len(split.images),
+                                                                               len(split.labels_np), bs)) or
+                        clock.__setattr__("now", clock.now + 100.0 * len(split.labels)))
+    assert cnn_loop.projection(model, splits, cfg, "resnet", 0.25, 3, 4) == "message"
+    assert seen == [(4, 4, 4, 4)]
+    assert calls["projection"] == (0.25, 100.0, 3, 4, 5, 6, 6)
+    assert calls["message"] == (("resnet", "cpu", 10.0, "d"), {"on_cpu": True, "seconds_per_epoch": 2.0,
+                                                                "steps_per_epoch": 3, "epochs": 4, "size": 4})
+    splits = {s: replace(v, size=9) for s, v in splits.items()}
+    seen.clear()
+    cnn_loop.projection(model, splits, replace(cfg, eval_batch_size=50), "r", 0.5, 1, 1)
+    assert seen == [(6, 6, 6, 50)] and calls["message"][1]["size"] == 9
+
+
+def test_to_device_defaults_to_the_images_own_size():
+    assert all(split.size == 0 for split in cnn_loop.to_device(_image_set(), CPU).values())
+
+
+def test_splits_stay_on_the_host_only_when_they_exceed_the_share_of_free_cuda_memory(monkeypatch):
+    data = _image_set()
+    nbytes = sum(a.nbytes for a in data.images.values())
+    asked = []
+    for free, expected in ((2 * nbytes, False), (2 * nbytes - 1, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (asked.append(device), (free, 10 ** 12))[1])
+        assert cnn_loop.too_big_for(data, torch.device("cuda", 1)) is expected
+    assert asked == [torch.device("cuda", 1)] * 2 and cnn_loop.DEVICE_SHARE == 0.5
+    assert cnn_loop.too_big_for(data, CPU) is False                 # the CPU: never (and no CUDA query)
+    assert len(asked) == 2
+
+
+class _Recorded(Scripted):
+    def __init__(self):
+        super().__init__()
+        self.to_calls = []
+
+    def to(self, *args, **kwargs):
+        self.to_calls.append((args, kwargs))
+        return super().to(*args, **kwargs)
+
+
+def test_model_generator_permutation_and_shards_live_on_the_training_device(monkeypatch):
+    seen = {"generator": [], "randperm": [], "shard": [], "wrap": []}
+    real_generator, real_randperm, real_shard = torch.Generator, torch.randperm, cnn_loop.distributed.shard
+    monkeypatch.setattr(cnn_loop.torch, "Generator", lambda device=None: (seen["generator"].append(device),
+                                                                        real_generator(device=device))[1])
+    monkeypatch.setattr(cnn_loop.torch, "randperm", lambda *a, **k: (seen["randperm"].append(k.get("device")),
+                                                                     real_randperm(*a, **k))[1])
+    monkeypatch.setattr(cnn_loop.distributed, "shard", lambda n, world, device: (seen["shard"].append(device),
+                                                                                real_shard(n, world, device))[1])
+    monkeypatch.setattr(cnn_loop.distributed, "wrap", lambda model, world, device: (seen["wrap"].append(device),
+                                                                                   model)[1])
+    model = _Recorded()
+    _train(_cfg(epochs=2), model=model)
+    assert model.to_calls[0] == ((CPU,), {"memory_format": torch.channels_last})
+    assert seen == {"generator": [CPU], "randperm": [CPU, CPU], "shard": [CPU, CPU], "wrap": [CPU]}
+
+
+def test_a_multi_label_split_trains_on_the_binary_cross_entropy():
+    ml = "multi-label, binary-class"
+    labels = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]], dtype=np.uint8)
+    images = torch.zeros(4, 4, 4, 3, dtype=torch.uint8)
+    train_split = DeviceSplit(images, cnn_loop.tasks.targets(labels, ml), labels, task=ml)
+    splits = {**_splits(), "train": train_split}
+    _, result, _ = _train(_cfg(epochs=1, lr=1e-9, log_every=1, batch_size=4), splits=splits)
+    w = torch.tensor([0.5, -0.2, 0.1])
+    by_hand = torch.nn.functional.binary_cross_entropy_with_logits(w.expand(4, -1), torch.from_numpy(labels).float())
+    assert result.curve[0]["train_loss"] == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_training_batches_are_rotated_with_the_configured_interpolation():
+    cfg = _cfg(epochs=1, augment=["rotation"], rotation_degrees=30.0, rotation_interpolation="bilinear",
+               max_steps_per_epoch=0, batch_size=4)
+    splits = {**_splits(), "train": _random_split(4, 8)}
+    model, _, _ = _train(cfg, splits=splits, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    order = torch.randperm(4, generator=generator)
+    want = augment.rotate(splits["train"].batch(order), 30.0, generator, "bilinear")
+    assert torch.equal(model.train_inputs[0], want)
+    same_draws = torch.Generator().manual_seed(3)
+    torch.randperm(4, generator=same_draws)
+    assert not torch.equal(want, augment.rotate(splits["train"].batch(order), 30.0, same_draws, "nearest"))
+
+
+def test_resume_without_a_checkpoint_directory_trains_afresh():
+    model, result, _ = _train(_cfg(epochs=2, resume=True))
+    assert result.resumed_from == 0 and result.checkpoint is None and len(model.train_inputs) == 2
+
+
+def test_the_checkpoint_of_a_run_without_a_data_source_is_named_by_its_fingerprint(tmp_path):
+    cfg = _cfg(epochs=1)
+    _, result, _ = _train(cfg, checkpoint_dir=tmp_path)
+    assert result.checkpoint == tmp_path / f"{cnn_loop.fingerprint(cfg, 0, _splits(), '')[:16]}.pt"
+    assert result.checkpoint.exists()
+
+
+def test_resumed_training_time_is_exactly_the_uninterrupted_runs(tmp_path, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(cnn_loop, "time", clock)
+    cfg = _cfg(epochs=3, max_steps_per_epoch=0, batch_size=4, log_every=2)
+    _, straight, _ = _train(cfg, splits=_splits(8), model=Timed(clock), checkpoint_dir=tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_3(metrics, step):
+        if "lr" in metrics and step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        cnn_loop.train(Timed(clock), _splits(8), cfg, 0, stop_in_epoch_3, checkpoint_dir=tmp_path / "b")
+    _, resumed, _ = _train(replace(cfg, resume=True), splits=_splits(8), model=Timed(clock),
+                           checkpoint_dir=tmp_path / "b")
+    assert straight.train_seconds == 6.0 and resumed.train_seconds == 6.0 and resumed.resumed_from == 2
+    assert resumed.checkpoint == straight.checkpoint.parent.parent / "b" / straight.checkpoint.name
+
+
+def test_console_output_reports_this_runs_numbers(monkeypatch):
+    """The bars, the one projection (main process) and the epoch lines carry the run's own values."""
+    from pipeline import progress
+    from pipeline.train.distributed import World
+    bars, lines, said, projected = [], [], [], []
+    real_bar = progress.bar
+
+    def bar(*args, **kwargs):
+        made = real_bar(*args, **kwargs)
+        bars.append((args, kwargs, made))
+        return made
+
+    monkeypatch.setattr(progress, "bar", bar)
+    monkeypatch.setattr(progress, "epoch_line", lambda *a, **k: lines.append((a, k)))
+    monkeypatch.setattr(progress, "say", said.append)
+    monkeypatch.setattr(cnn_loop, "projection", lambda *a: projected.append(a) or "projected!")
+    clock = _Clock()
+    monkeypatch.setattr(cnn_loop, "time", clock)
+    cfg = _cfg(epochs=2, max_steps_per_epoch=0, batch_size=2, scheduler="step", step_size=1, step_gamma=0.5,
+               lr=0.05)
+    model = Timed(clock)
+    splits = _splits(6)
+    _, result, logs = _train(cfg, splits=splits, model=model, label="net")
+    losses = _expected_losses_with_lrs(cfg, [0.05] * 3 + [0.025] * 3)
+    assert [(a, k["items_per_step"], k.get("disable")) for a, k, _ in bars] == \
+        [((3, "net epoch 1/2"), 2, None), ((3, "net epoch 2/2"), 2, None)]
+    assert said == ["projected!"] and len(projected) == 1
+    p = projected[0]
+    assert p[0] is model and p[1] is splits and p[2] == cfg and p[3] == "net" and p[5:] == (3, 2)
+    assert isinstance(p[4], float) and p[4] > 0          # seconds per timed step
+    epoch_logs = [m for m, _ in logs if "lr" in m]
+    assert len(lines) == 2
+    for epoch, ((args, kwargs), logged) in enumerate(zip(lines, epoch_logs), 1):
+        assert args == (epoch, 2, 203.0)        # 3 training steps and 2 validation batches on the fake clock
+        assert kwargs["prefix"] == "net" and kwargs["lr"] == [0.05, 0.025][epoch - 1]
+        assert kwargs["val_auc"] == logged["epoch_val_auc"] and kwargs["val_acc"] == logged["epoch_val_acc"]
+        assert kwargs["train_loss"] == pytest.approx(np.mean(losses[3 * (epoch - 1):3 * epoch]), rel=1e-5)
+    # Another rank: no projection, no epoch lines, its bars turned off.
+    bars.clear(), lines.clear(), said.clear(), projected.clear()
+    monkeypatch.setattr(cnn_loop.distributed, "wrap", lambda model, world, device: model)
+    cnn_loop.train(Timed(clock), splits, cfg, 0, lambda m, s: None, world=World(1, 2, 1))
+    assert said == [] and projected == [] and lines == []
+    assert [k.get("disable") for _, k, _ in bars] == [True, True]
+
+
+def _expected_losses_with_lrs(cfg, lrs):
+    ref = nn.Parameter(torch.tensor([0.5, -0.2, 0.1]))
+    optimizer = torch.optim.Adam([ref], lr=lrs[0])
+    out = []
+    for lr in lrs:
+        optimizer.param_groups[0]["lr"] = lr
+        loss = torch.nn.functional.cross_entropy(ref.expand(cfg.batch_size, -1),
+                                                 torch.zeros(cfg.batch_size, dtype=torch.long))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        out.append(loss.item())
+    return out
