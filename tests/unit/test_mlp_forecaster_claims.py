@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.models import mlp_forecaster as model
 
-L, H, P, K = 8, 4, 3, 3
+L, H, P, K = 8, 4, 3, 5     # kernel 5: its moving-average matrix is not symmetric
 EPS = 1e-5   # RevIN's epsilon, written out
 
 
