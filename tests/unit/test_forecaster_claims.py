@@ -398,3 +398,13 @@ def test_the_seed_decides_the_initial_weights_and_the_batch_order():
     c = forecaster.fit(data, _cfg(), seed=2).params
     _assert_params_equal(a, b)
     assert not np.allclose(a["s_w1"], c["s_w1"])
+
+
+def test_from_windows_does_not_copy_windows_that_already_have_the_dtype():
+    # ETT's windows are contiguous (N, C, L) arrays: the (N*C, L) rows are views, no second copy in memory.
+    x = np.arange(4 * 3 * 5, dtype=np.float64).reshape(4, 3, 5)
+    y = np.arange(4 * 3 * 2, dtype=np.float64).reshape(4, 3, 2)
+    same = ForecastData.from_windows({"train": (x, y), "val": (x, y), "test": (x, y)}, np.float64)
+    assert np.shares_memory(same.x_train, x) and np.shares_memory(same.y_val, y)
+    other = ForecastData.from_windows({"train": (x, y), "val": (x, y), "test": (x, y)}, np.float32)
+    assert not np.shares_memory(other.x_train, x) and np.array_equal(other.x_train, x.reshape(12, 5))
