@@ -197,6 +197,22 @@ def test_backward_equals_central_finite_differences_for_every_parameter(mode):
         assert np.allclose(grads[name], numeric, rtol=1e-5, atol=1e-8), name
 
 
+def test_revin_weight_gradient_near_zero_weight_includes_the_eps_squared_term():
+    """At w = 1e-6 the output map divides by w + eps^2 = w (1 + 1e-4): the gradient must use that sum."""
+    params = _params(21, channels=2)
+    params["rv_w"][1] = 1e-6
+    rng = np.random.default_rng(22)
+    x, y = rng.normal(size=(4, L)), rng.normal(size=(4, P))
+    pred, cache = model.forward(params, x, K, "revin")
+    grad = model.backward(params, cache, model.mse_grad(pred, y)[1])["rv_w"][1]
+    h = 1e-11                                   # the loss is smooth at this scale around w
+    params["rv_w"][1] = 1e-6 + h
+    up = _loss(params, x, y, "revin")
+    params["rv_w"][1] = 1e-6 - h
+    down = _loss(params, x, y, "revin")
+    assert np.isclose(grad, (up - down) / (2 * h), rtol=1e-7, atol=0)
+
+
 def test_revin_gradients_keep_the_parameter_dtype():
     params = _params(13, channels=2, dtype=np.float32)
     x = np.random.default_rng(14).normal(size=(4, L)).astype(np.float32)
