@@ -40,6 +40,8 @@ def _reference(data: ForecastData, cfg: Mlp, seed: int, epochs: int) -> dict:
     After each epoch lr *= lr_decay."""
     rng = np.random.default_rng(seed)
     params = model.init_params(L, H, P, rng, np.float64)
+    if cfg.window_norm == "revin":
+        params.update(model.init_revin(data.n_channels, np.float64))
     velocity = {k: np.zeros_like(v) for k, v in params.items()}
     c = data.n_channels
     n = len(data.x_train) // c
@@ -77,6 +79,8 @@ def _assert_params_equal(a: dict, b: dict):
     {"optimizer": "momentum", "momentum": 0.7},
     {"optimizer": "momentum", "momentum": 0.7, "weight_decay": 0.1, "clip_norm": 0.05},
     {"window_norm": "last"},
+    {"window_norm": "mean", "weight_decay": 0.1},
+    {"window_norm": "revin", "weight_decay": 0.1},     # RevIN's affine map is trained, not decayed
 ])
 def test_one_epoch_matches_the_update_formula(options):
     data, cfg = _data(), _cfg(**options)
@@ -277,3 +281,130 @@ def test_seconds_is_the_time_fit_took():
     start = time.perf_counter()
     result = forecaster.fit(_data(), _cfg(epochs=2), seed=3)
     assert 0 < result.seconds <= time.perf_counter() - start
+
+
+# -- fit: what it reports while training -------------------------------------------------------
+
+def test_fit_refuses_auto_and_revin_adds_the_per_channel_affine_map():
+    with pytest.raises(ValueError, match="fit_auto"):
+        forecaster.fit(_data(), _cfg(window_norm="auto"), seed=0)
+    for dtype in ("float32", "float64"):
+        params = forecaster.fit(_data(channels=3), _cfg(window_norm="revin", dtype=dtype, lr=1e-300), seed=0).params
+        assert params["rv_w"].shape == (3,) and params["rv_w"].dtype == np.dtype(dtype)
+        assert params["rv_b"].dtype == np.dtype(dtype)
+        assert np.allclose(params["rv_w"], 1.0) and np.allclose(params["rv_b"], 0.0)
+    assert "rv_w" not in forecaster.fit(_data(), _cfg(window_norm="mean"), seed=0).params
+
+
+def test_float32_training_runs_the_backward_pass_in_float32(monkeypatch):
+    seen = []
+    backward = model.backward
+
+    def recording(params, cache, d_out):
+        seen.append(d_out.dtype)
+        return backward(params, cache, d_out)
+
+    monkeypatch.setattr(model, "backward", recording)
+    data = _data()   # float64 windows, a float32 model: the loss gradient is cast to the model's dtype
+    forecaster.fit(data, _cfg(dtype="float32"), seed=0)
+    assert seen and all(d == np.float32 for d in seen)
+
+
+def test_each_epoch_prints_one_line_with_label_losses_lr_and_seconds(capsys):
+    result = forecaster.fit(_data(), _cfg(epochs=2, patience=5, lr=0.02, lr_decay=0.5), seed=3, label="mine")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, row in zip(lines, result.history):
+        expected = (f"mine epoch {row['epoch']}/2  train_loss {row['train_loss']:.4f}  valid_loss "
+                    f"{row['valid_loss']:.4f}  lr {row['lr']:.3g}  ")
+        assert line.startswith(expected), (line, expected)
+        assert line.endswith("s") and 0 <= float(line[len(expected):-1]) < 5
+    forecaster.fit(_data(), _cfg(), seed=3)
+    assert capsys.readouterr().out.startswith("mlp epoch 1/1  ")       # the default label
+
+
+def test_the_progress_bar_counts_batches_of_windows_and_gets_every_batch_loss(monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, **kw):
+            self.total, self.desc, self.kw, self.losses, self.closed = total, desc, kw, [], False
+            bars.append(self)
+
+        def step(self, loss=None):
+            self.losses.append(loss)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(forecaster.progress, "bar", Bar)
+    # 7 windows in batches of 3: 3 steps per epoch.
+    result = forecaster.fit(_data(n_windows=7), _cfg(epochs=2, patience=5, batch_size=3), seed=1, label="lbl")
+    assert [b.desc for b in bars] == ["lbl epoch 1/2", "lbl epoch 2/2"]
+    for b, row in zip(bars, result.history):
+        assert b.total == 3 and len(b.losses) == 3 and b.closed
+        assert b.kw == {"items_per_step": 3, "item_unit": "windows"}
+        assert np.isclose(np.mean(b.losses), row["train_loss"], rtol=1e-12)
+
+
+# -- fit_auto ----------------------------------------------------------------------------------
+
+def test_fit_auto_trains_every_normalisation_with_the_same_seed(capsys):
+    data = _data(channels=2)
+    cfg = _cfg(window_norm="auto", epochs=2, patience=5)
+    chosen, results = forecaster.fit_auto(data, cfg, seed=4, label="run")
+    assert list(results) == list(forecaster.NORMALISATIONS) == ["none", "last", "mean", "revin"]
+    for norm, result in results.items():
+        alone = forecaster.fit(data, _cfg(window_norm=norm, epochs=2, patience=5), seed=4)
+        _assert_params_equal(result.params, alone.params)
+        assert result.history == alone.history
+    assert chosen == min(results, key=lambda n: results[n].best_val_loss)
+    out = capsys.readouterr().out
+    for norm in forecaster.NORMALISATIONS:
+        assert f"run [{norm}, seed 4] epoch 2/2  " in out
+    forecaster.fit_auto(data, _cfg(window_norm="auto"), seed=5)
+    assert "mlp [revin, seed 5] epoch 1/1  " in capsys.readouterr().out     # the default label
+
+
+@pytest.mark.parametrize("losses", [{"none": 0.5, "last": 0.2, "mean": 0.3, "revin": 0.4},
+                                    {"none": 0.5, "last": 0.6, "mean": 0.3, "revin": 0.1},
+                                    {"none": 0.1, "last": 0.6, "mean": 0.3, "revin": 0.2}])
+def test_fit_auto_keeps_the_lowest_best_validation_loss(monkeypatch, losses):
+    calls = []
+
+    def fake_fit(data, cfg, seed, label="mlp"):
+        calls.append((cfg.window_norm, seed, cfg.lr))
+        # The final epoch's validation loss and the test split are not what decides.
+        return forecaster.FitResult(params={}, best_val_loss=losses[cfg.window_norm],
+                                    history=[{"valid_loss": 1.0 - losses[cfg.window_norm]}])
+
+    monkeypatch.setattr(forecaster, "fit", fake_fit)
+    chosen, results = forecaster.fit_auto(None, _cfg(window_norm="auto", lr=0.123), seed=7)
+    assert chosen == min(losses, key=losses.get)
+    assert calls == [(norm, 7, 0.123) for norm in ("none", "last", "mean", "revin")]
+    assert {k: r.best_val_loss for k, r in results.items()} == losses
+
+
+def test_fit_auto_with_a_fixed_window_norm_trains_only_that_one():
+    data = _data()
+    chosen, results = forecaster.fit_auto(data, _cfg(window_norm="mean"), seed=2)
+    assert chosen == "mean" and list(results) == ["mean"]
+    _assert_params_equal(results["mean"].params, forecaster.fit(data, _cfg(window_norm="mean"), seed=2).params)
+
+
+def test_the_seed_decides_the_initial_weights_and_the_batch_order():
+    data = _data()
+    a, b = forecaster.fit(data, _cfg(), seed=1).params, forecaster.fit(data, _cfg(), seed=1).params
+    c = forecaster.fit(data, _cfg(), seed=2).params
+    _assert_params_equal(a, b)
+    assert not np.allclose(a["s_w1"], c["s_w1"])
+
+
+def test_from_windows_does_not_copy_windows_that_already_have_the_dtype():
+    # ETT's windows are contiguous (N, C, L) arrays: the (N*C, L) rows are views, no second copy in memory.
+    x = np.arange(4 * 3 * 5, dtype=np.float64).reshape(4, 3, 5)
+    y = np.arange(4 * 3 * 2, dtype=np.float64).reshape(4, 3, 2)
+    same = ForecastData.from_windows({"train": (x, y), "val": (x, y), "test": (x, y)}, np.float64)
+    assert np.shares_memory(same.x_train, x) and np.shares_memory(same.y_val, y)
+    other = ForecastData.from_windows({"train": (x, y), "val": (x, y), "test": (x, y)}, np.float32)
+    assert not np.shares_memory(other.x_train, x) and np.array_equal(other.x_train, x.reshape(12, 5))
