@@ -229,20 +229,59 @@ def test_the_partial_file_is_removed_even_when_the_copy_fails_midway(tmp_path, m
     mirror.mkdir()
     (mirror / "big.bin").write_bytes(PAYLOAD)
 
+    written_to = []
+
     def broken_copy(source, out, total, desc):
+        written_to.append(Path(out.name))
         out.write(b"half")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fetch_module, "_copy", broken_copy)
     with pytest.raises(KeyboardInterrupt):
         fetch(tmp_path / "out" / "big.bin", "file:///nonexistent", _sha256(PAYLOAD), "sha256", mirror)
+    assert written_to == [tmp_path / "out" / "big.bin.partial"]   # never under the final name
     assert _files(tmp_path / "out") == []
 
 
-def test_copy_moves_every_chunk(tmp_path, monkeypatch):
+class _Reads:
+    """A file object that records the size of every read."""
+
+    def __init__(self, f):
+        self.f, self.sizes = f, []
+
+    def read(self, size=-1):
+        self.sizes.append(size)
+        return self.f.read(size)
+
+
+def test_copy_moves_every_chunk_in_bounded_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch_module, "CHUNK", 7)   # many small chunks
     data = os.urandom(1000)
     (tmp_path / "src").write_bytes(data)
-    with open(tmp_path / "src", "rb") as src, open(tmp_path / "dst", "wb") as out:
+    with open(tmp_path / "src", "rb") as f, open(tmp_path / "dst", "wb") as out:
+        src = _Reads(f)
         fetch_module._copy(src, out, len(data), "x")
     assert (tmp_path / "dst").read_bytes() == data
+    assert src.sizes == [7] * (1000 // 7 + 2)   # never the whole file at once: 143 full/partial reads + b""
+
+
+def test_the_copy_is_logged_with_its_size_in_binary_units_from_start_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    data = b"x" * (3 * 1024 * 1024)   # 3 MiB
+    (mirror / "set.npz").write_bytes(data)
+    assert fetch(tmp_path / "set.npz", "file:///nonexistent", _sha256(data), "sha256", mirror) == "mirror"
+    lines = capsys.readouterr().err.splitlines()   # captured: plain lines, not a redrawn bar
+    assert lines[0].startswith("set.npz (mirror):   0% 0.00/3.00M B [")     # shown at once, not after 30 s
+    assert lines[-1].startswith("set.npz (mirror): 100% 3.00M/3.00M B [")   # and kept at the end
+
+
+def test_the_default_algorithm_is_sha256_and_the_default_way_out_is_empty(tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "a.csv").write_bytes(b"bad")
+    with pytest.raises(DataError) as caught:
+        fetch(tmp_path / "a.csv", "file:///nonexistent", _sha256(b"good"), mirror=mirror)
+    assert f"sha256 is {_sha256(b'bad')}, expected {_sha256(b'good')}" in str(caught.value)
+    assert str(caught.value).endswith("Ways out: ")
