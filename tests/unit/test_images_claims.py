@@ -440,3 +440,9 @@ def test_load_refuses_an_unknown_task(tmp_path):
     arrays = dict(_layout(), task=np.array("segmentation"))
     with pytest.raises(DataError, match="'segmentation' is not a MedMNIST task"):
         images.load(_write(tmp_path, arrays))
+
+
+def test_a_split_of_one_image_is_enough(tmp_path):
+    arrays = _layout(n=(6, 1, 1))
+    data = images.load(_write(tmp_path, arrays), name="mine", task="multi-class")
+    assert data.images["val"].shape == (1, 5, 5, 1) and data.labels["test"].shape == (1, 1)
