@@ -47,7 +47,7 @@ def test_the_way_out_names_the_mirror_file_and_the_synthetic_set():
 
 @pytest.mark.parametrize("path, name", [("data/raw/chestmnist_64.npz", "chestmnist"), ("chestmnist.npz", "chestmnist"),
                                         ("my_set.npz", "my_set"), ("my_set_2_28.npz", "my_set_2"),
-                                        ("digits_x.npz", "digits_x")])
+                                        ("digits_x.npz", "digits_x"), ("set\n2.npz", "set\n2")])   # no match: the stem
 def test_the_name_from_a_file_name_drops_only_a_trailing_size(path, name):
     from pathlib import Path
     assert images._name_from_path(Path(path)) == name
@@ -123,6 +123,15 @@ def test_fetch_medmnist_downloads_the_url_of_the_size_asked_for(tmp_path, fake_t
     assert images.fetch_medmnist(raw / "breastmnist_28.npz", "breastmnist", 28, empty) == "download"
     assert (raw / "breastmnist_28.npz").read_bytes() == fake_table[28]
     assert sorted(p.name for p in raw.iterdir()) == ["breastmnist_28.npz", "breastmnist_64.npz"]
+
+
+@pytest.mark.parametrize("size", [128, 224])
+def test_fetch_medmnist_takes_the_large_sizes_too(tmp_path, monkeypatch, size):
+    data = f"breast {size} px".encode()
+    monkeypatch.setitem(INFO["breastmnist"], f"MD5_{size}", _md5(data))
+    (tmp_path / f"breastmnist_{size}.npz").write_bytes(data)
+    dest = tmp_path / "raw" / f"breastmnist_{size}.npz"
+    assert images.fetch_medmnist(dest, "breastmnist", size, tmp_path) == "mirror" and dest.read_bytes() == data
 
 
 def test_fetch_medmnist_refuses_sizes_and_sets_medmnist_does_not_have(tmp_path):
