@@ -157,7 +157,7 @@ def _reference_synthesis(size, counts, seed, name):
     grid = np.arange(size, dtype=np.float32) / size
     yy, xx = np.meshgrid(grid, grid, indexing="ij")
     palette = rng.uniform(60, 200, size=(n_labels, channels)).astype(np.float32)
-    angles = [np.pi * k / n_labels for k in range(n_labels)]
+    angles = [k * (np.pi / n_labels) for k in range(n_labels)]
     freqs = [(2.0, 4.0, 6.0)[k % 3] for k in range(n_labels)]
     out = {}
     for split in ("train", "val", "test"):
