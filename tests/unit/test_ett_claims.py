@@ -218,7 +218,8 @@ def test_a_custom_csv_is_standardised_by_its_own_train_rows():
 def test_statistics_are_computed_in_float64_whatever_the_columns_dtype():
     n = 14400
     frame = _frame(n)
-    frame["c0"] = (1e4 + np.random.default_rng(3).normal(0, 1e-2, n)).astype(np.float32)   # float32 column
+    frame["c0"] = 1e4 + np.random.default_rng(3).normal(0, 1e-2, n)
+    frame = frame.astype({c: np.float32 for c in ("c0", "c1", "OT")})   # every column float32
     values = frame.drop(columns="date").to_numpy(np.float64)
     splits = ett.standardised_splits(frame, "ETTh1", 96)
     assert np.allclose(splits.mean, values[:8640].mean(axis=0), rtol=1e-13, atol=0)
