@@ -339,8 +339,10 @@ def test_binary_sets_have_two_outputs_and_labels_0_or_1(tmp_path):
     arrays["val_labels"][:] = 0    # all 0: still a 2-way softmax
     assert images.load(_write(tmp_path, arrays), name="mine", task="binary-class").n_classes == 2
     arrays["test_labels"][1, 0] = 2
-    with pytest.raises(DataError, match="binary-class set has labels 0 and 1, found 2"):
-        images.load(_write(tmp_path, arrays), name="mine", task="binary-class")
+    path = _write(tmp_path, arrays)
+    with pytest.raises(DataError, match="binary-class set has labels 0 and 1, found 2") as caught:
+        images.load(path, name="mine", task="binary-class")
+    assert str(caught.value).startswith(f"{path}: ")   # the message names the file
 
 
 def test_multi_label_sets_have_one_output_per_label(tmp_path):
