@@ -173,3 +173,84 @@ def test_direction_labels_boundaries_and_default_stride():
     default = ett.direction_labels(series, 1, 6, 4, 0.5, 3)
     one = ett.direction_labels(series, 1, 6, 4, 0.5, 3, stride=1)
     assert len(default[1]) == 40 - 6 - 4 + 1 and np.array_equal(default[1], one[1])
+
+
+# ---------------------------------------------------------------- any other CSV: 70/10/20
+
+@pytest.mark.parametrize("n_rows, train_end, val_end", [(1000, 700, 800), (1003, 702, 803), (99, 69, 80)])
+def test_a_custom_csv_splits_70_10_20_in_time_order(n_rows, train_end, val_end):
+    # Time-Series-Library's Dataset_Custom: train int(0.7 n), test int(0.2 n), validation the rest.
+    assert train_end == int(n_rows * 0.7) and n_rows - val_end == int(n_rows * 0.2)
+    borders = ett.split_borders("weather", n_rows, 5)
+    assert borders == {"train": (0, train_end), "val": (train_end - 5, val_end), "test": (val_end - 5, n_rows)}
+    # The ETT rule applies to ETTh*/ETTm* names only.
+    assert ett.split_borders("my_ETTh1", n_rows, 5) == borders
+
+
+def test_a_custom_csv_split_too_short_for_a_window_is_refused_naming_the_rule():
+    ett.split_borders("weather", 100, 5, pred_len=5)   # val: rows 65..80, 15 rows >= 10
+    with pytest.raises(DataError, match=r"100 rows are too short for the 70/10/20 split with input_len=5, "
+                                        r"pred_len=11: the val part would have 15 rows, a window needs 16"):
+        ett.split_borders("weather", 100, 5, pred_len=11)
+    with pytest.raises(DataError, match=r"too short for the 12/4/4-month ETT split with input_len=8640, pred_len=0"):
+        ett.split_borders("ETTh1", 14400, 8640)   # pred_len defaults to 0 (a window still needs one target row)
+
+
+def test_standardised_splits_pass_pred_len_to_the_borders():
+    frame = _frame(100)
+    assert len(ett.standardised_splits(frame, "weather", 5, pred_len=5).val) == 15
+    with pytest.raises(DataError, match="pred_len=11: the val part would have 15 rows"):
+        ett.standardised_splits(frame, "weather", 5, pred_len=11)
+    # pred_len defaults to 0 here too: 3 rows -> train 2, val 1, test 0 rows (+ input_len 1 each)
+    with pytest.raises(DataError, match="input_len=1, pred_len=0: the test part would have 1 rows, a window needs 2"):
+        ett.standardised_splits(_frame(3), "weather", 1)
+
+
+def test_a_custom_csv_is_standardised_by_its_own_train_rows():
+    frame = _frame(200)
+    values = frame.drop(columns="date").to_numpy(np.float64)
+    splits = ett.standardised_splits(frame, "weather", 10)
+    assert np.allclose(splits.mean, values[:140].mean(axis=0)) and np.allclose(splits.std, values[:140].std(axis=0))
+    assert np.allclose(splits.val, (values[130:160] - splits.mean) / splits.std)
+    assert np.allclose(splits.test, (values[150:200] - splits.mean) / splits.std)
+
+
+def test_statistics_are_computed_in_float64_whatever_the_columns_dtype():
+    n = 14400
+    frame = _frame(n)
+    frame["c0"] = 1e4 + np.random.default_rng(3).normal(0, 1e-2, n)
+    frame = frame.astype({c: np.float32 for c in ("c0", "c1", "OT")})   # every column float32
+    values = frame.drop(columns="date").to_numpy(np.float64)
+    splits = ett.standardised_splits(frame, "ETTh1", 96)
+    assert np.allclose(splits.mean, values[:8640].mean(axis=0), rtol=1e-13, atol=0)
+    assert np.allclose(splits.std, values[:8640].std(axis=0), rtol=1e-9, atol=0)
+    assert splits.mean.dtype == np.float64
+
+
+@pytest.mark.parametrize("column", ["c0", "c1", "OT"])
+def test_a_column_constant_over_the_train_rows_is_refused_by_name(column):
+    frame = _frame(14400)
+    frame.loc[:8639, column] = 2.5   # constant in train, varying later
+    with pytest.raises(DataError, match=rf"ETTh1: columns \['{column}'\] are constant over the train rows"):
+        ett.standardised_splits(frame, "ETTh1", 96)
+
+
+def test_a_column_with_unit_std_is_not_constant():
+    frame = _frame(100)
+    frame["c1"] = np.tile([0.0, 2.0], 50)   # std exactly 1 over any even number of rows
+    splits = ett.standardised_splits(frame, "weather", 5)
+    assert splits.std[1] == 1.0
+
+
+def test_the_target_may_be_the_first_column_after_the_date(tmp_path):
+    _frame(20)[["date", "OT", "c0", "c1"]].to_csv(tmp_path / "first.csv", index=False)
+    assert list(ett.load_csv(tmp_path / "first.csv").columns) == ["date", "OT", "c0", "c1"]
+
+
+def test_direction_labels_accumulate_in_float64_for_a_float32_series():
+    rng = np.random.default_rng(4)
+    series64 = 1e4 + rng.normal(0, 0.05, size=(400, 2)).cumsum(axis=0) * 0.1
+    series = series64.astype(np.float32)   # large level, small moves: a float32 running sum would lose them
+    x, labels = ett.direction_labels(series, 1, 8, 4, 0.5, 3)
+    _, ref = _direction_reference(series.astype(np.float64), 1, 8, 4, 0.5, 3, 1)
+    assert x.dtype == np.float32 and np.mean(labels == ref) > 0.97
