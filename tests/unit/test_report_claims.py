@@ -9,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import medmnist  # noqa: F401  (image titles come from medmnist's table: import it at collection, once, not per test run)
 import pytest
 import yaml
 
