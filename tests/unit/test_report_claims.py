@@ -348,9 +348,9 @@ def test_the_published_etth1_results_are_listed_from_the_references(workspace):
 def test_part_2_note_names_the_series_target_and_reference_source(workspace):
     text = build.Report(workspace).build("abc1234")
     note = _lines_after(text, "## Part 2: MLP forecaster on ETTh1 (numpy, hand-written backprop)")[1]
-    assert note.startswith("Test MSE and MAE on ETTh1 (target OT, standardised): the mean ± sample std over "
-                           "`seeds` training seeds")
-    assert note.endswith(f"References (ETTh1): {REFS['mlp']['source']}; Δ = our mean − reference.")
+    assert note == ("Test MSE and MAE on ETTh1 (target OT, standardised): the mean ± sample std over `seeds` "
+                    "training seeds; `window_norm` is the per-window normalisation chosen on validation. "
+                    f"References (ETTh1): {REFS['mlp']['source']}; Δ = our mean − reference.")
 
 
 CNN_HEAD = ["run", "experiment", "our AUC", "our ACC", "ref AUC", "ref ACC", "ΔAUC", "ΔACC"]

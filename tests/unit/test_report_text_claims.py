@@ -45,6 +45,8 @@ def test_read_csv_turns_empty_and_short_cells_into_nan(tmp_path):
     np.testing.assert_array_equal(data["step"], [1.0, 2.0, 3.0])
     np.testing.assert_array_equal(data["loss"], [0.5, np.nan, 0.25])
     np.testing.assert_array_equal(data["val"], [np.nan, 3.0, np.nan])
+    path.write_text("epoch,train_loss\n1,0.5\n")                        # a one-epoch curve
+    assert {k: v.tolist() for k, v in build._read_csv(path).items()} == {"epoch": [1.0], "train_loss": [0.5]}
 
 
 def test_img_copies_the_figure_next_to_the_report_and_links_it_relatively(tmp_path, monkeypatch):
@@ -80,6 +82,7 @@ def test_ui_address_prefers_the_env_then_an_http_tracking_server_and_drops_login
     assert build.ui_address("https://user:secret@host/mlflow/") == "https://host/mlflow"
     assert build.ui_address("sqlite:///mlflow.db") == "" and build.ui_address("file:///tmp/mlruns") == ""
     assert build.ui_address("") == ""
+    assert build.ui_address("http://ui.example/MLX/") == "http://ui.example/MLX"    # only the slash goes
     monkeypatch.setenv("MLFLOW_UI_URL", "http://me:***@ui.example:8080/")
     assert build.ui_address("sqlite:///mlflow.db") == "http://ui.example:8080"
     assert build.ui_address("http://host:5000") == "http://ui.example:8080"
@@ -138,6 +141,14 @@ def test_part_1_without_its_numbers_says_missing_and_draws_no_table(workspace):
     report = build.Report(workspace)
     assert "*Missing: `metrics/backprop.json`" in report.build("abc1234")
     assert report.missing[0] == "metrics/backprop.json"
+
+
+@pytest.mark.parametrize("value", ["high", True])
+def test_part_1_fails_on_an_accuracy_that_is_not_a_number(workspace, value):
+    """A bool would print as 1.0000 and a string failed on an unrelated format error: both name the file now."""
+    _write("metrics/backprop.json", {**_read("metrics/backprop.json"), "test_accuracy": value})
+    with pytest.raises(ValueError, match=f"metrics/backprop.json: test_accuracy is {value!r}, not a number"):
+        build.Report(workspace).build("abc1234")
 
 
 # -- figures -----------------------------------------------------------------------------------------
