@@ -321,7 +321,13 @@ def test_html_keeps_the_tables_inlines_the_report_images_and_loads_nothing(tmp_p
     assert html.startswith('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Assignment report'
                            "</title><style>body{")
     assert html.endswith("\n</body></html>\n")
-    for rule in ("max-width:1100px", "table{border-collapse:collapse", "td,th{border:1px solid #bbb",
-                 "img{max-width:100%", "blockquote{background:#fff3cd"):
-        assert rule in html, rule
+    # readable without any external stylesheet: a page width, bordered tables, images that fit the page,
+    # the warning banners (blockquotes) highlighted; each rule whole, in the one <style>
+    style = html.split("<style>")[1].split("</style>")[0]
+    assert style.startswith("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+                            "line-height:1.4}table{border-collapse:collapse;margin:1em 0;font-size:0.9em}")
+    for rule in ("}td,th{border:1px solid #bbb;padding:3px 7px}th{background:#eee}img{max-width:100%;margin:4px 0}",
+                 "}blockquote{background:#fff3cd;border-left:5px solid #e0a800;margin:1em 0;padding:0.5em 1em}"):
+        assert rule in style, rule
+    assert style.endswith("padding:0.5em 1em}")
     assert build.to_html("![b](other/b.png)\n", tmp_path).count('src="other/b.png"') == 1   # not ours: left alone
