@@ -420,3 +420,25 @@ def test_a_bool_metric_is_not_a_number(workspace):
     _write("metrics/mlp/default.json", {**_read("metrics/mlp/default.json"), "test_mae": 1})   # an int is one
     assert _table(build.Report(workspace).build("abc1234"), "Table 1")[1]["mlp@default"]["our MAE"].startswith(
         "1.0000 ± ")
+
+
+def test_a_missing_file_leaves_n_a_in_the_other_variants_and_cnn_rows_too(workspace):
+    for path in ("metrics/mlp/assignment.json", "metrics/mlp/assignment.details.json", "metrics/cnn/steplr.json",
+                 "metrics/cnn/steplr.details.json"):
+        Path(path).unlink()
+    text = build.Report(workspace).build("abc1234")
+    assert "| mlp@assignment | n/a | n/a | n/a | n/a | n/a | n/a | no MLflow run |" in text.split("\n")
+    ref = REFS["cnn"]["strategies"]["steplr"]
+    assert list(_table(text, "Table 3")[1]["steplr"].values()) == [
+        "steplr", ref["label"], "n/a", "n/a", f"{ref['auc']:.3f}", f"{ref['acc']:.3f}", "n/a", "n/a", "n/a", "n/a",
+        "n/a", "no MLflow run"]
+
+
+def test_a_window_norm_line_without_the_chosen_norm_says_n_a(workspace):
+    details = _read("metrics/mlp/h2048.details.json")
+    del details["window_norm"]
+    _write("metrics/mlp/h2048.details.json", details)
+    report = build.Report(workspace)
+    text = report.build("abc1234")
+    assert "- mlp@h2048: **n/a** (none 0.9400, last 0.9500, mean 0.9700, revin 0.9100)" in text.split("\n")
+    assert "metrics/mlp/h2048.details.json (no window_norm)" in report.missing
