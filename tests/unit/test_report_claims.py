@@ -328,8 +328,9 @@ def test_window_norm_lines_appear_only_for_variants_that_report_candidate_losses
             del details["window_norm_val_loss"]
         _write(f"metrics/mlp/{variant}.details.json", details)
     text = build.Report(workspace).build("abc1234")
-    lines = [line for line in text.split("\n") if line.startswith("- mlp@")]
-    assert lines == ["- mlp@h1024: **revin** (none 0.9300, last 0.9500, mean 0.9700, revin 0.9100)"]
+    assert _lines_after(text, "Window normalisation per variant: the one kept, and each candidate's best validation "
+                              "loss (first seed; the lowest is kept when `window_norm: auto`):")[:3] == [
+        "", "- mlp@h1024: **revin** (none 0.9300, last 0.9500, mean 0.9700, revin 0.9100)", ""]
     for variant in workspace.mlp_variants():
         details = _read(f"metrics/mlp/{variant}.details.json")
         details.pop("window_norm_val_loss", None)
@@ -347,7 +348,8 @@ def test_the_published_etth1_results_are_listed_from_the_references(workspace):
 
 def test_part_2_note_names_the_series_target_and_reference_source(workspace):
     text = build.Report(workspace).build("abc1234")
-    note = _lines_after(text, "## Part 2: MLP forecaster on ETTh1 (numpy, hand-written backprop)")[1]
+    blank, note, after = _lines_after(text, "## Part 2: MLP forecaster on ETTh1 (numpy, hand-written backprop)")[:3]
+    assert blank == after == ""
     assert note == ("Test MSE and MAE on ETTh1 (target OT, standardised): the mean ± sample std over `seeds` "
                     "training seeds; `window_norm` is the per-window normalisation chosen on validation. "
                     f"References (ETTh1): {REFS['mlp']['source']}; Δ = our mean − reference.")
@@ -396,6 +398,7 @@ def test_a_fine_tuning_row_trained_from_scratch_says_so(workspace):
 def test_part_3_note_names_the_set_its_task_and_the_references(workspace):
     text = build.Report(workspace).build("abc1234")
     refs = REFS["cnn"]
+    assert _lines_after(text, "## Part 3: CNNs on PathMNIST (64 px)")[:3:2] == ["", ""]
     assert _lines_after(text, "## Part 3: CNNs on PathMNIST (64 px)")[1] == (
         "Test AUC and ACC on PathMNIST at 64 px, as MedMNIST's evaluator scores a multi-class set. "
         f"References (pathmnist, 64 px): {refs['source']}; Δ = ours − reference.")
@@ -442,3 +445,33 @@ def test_a_window_norm_line_without_the_chosen_norm_says_n_a(workspace):
     text = report.build("abc1234")
     assert "- mlp@h2048: **n/a** (none 0.9400, last 0.9500, mean 0.9700, revin 0.9100)" in text.split("\n")
     assert "metrics/mlp/h2048.details.json (no window_norm)" in report.missing
+
+
+def _skeleton(text: str) -> list[str]:
+    """The document's shape: headings verbatim, a blank line as "", a table as one "|" per line, and other
+    lines by their first character (">" banner, "-" list item, "text" a paragraph)."""
+    shape = []
+    for line in text.split("\n"):
+        kind = line if line.startswith("#") or not line else {"|": "|", ">": ">", "-": "-"}.get(line[0], "text")
+        if kind == "|" and shape and set(shape[-1]) == {"|"}:
+            shape[-1] += "|"
+        else:
+            shape.append(kind)
+    return shape
+
+
+def test_every_heading_table_and_paragraph_stands_apart_in_this_order(workspace):
+    """Markdown needs the blank lines: a table or heading glued to a paragraph does not render."""
+    text = build.Report(workspace).build("abc1234")
+    assert _skeleton(text) == [
+        "# Deep-learning assignment, reproduced", "", ">", "", "-", "-", "-", "-", "-", "-", "",
+        "## Part 1: backpropagation, made executable", "", "text", "", "|||", "", "text", "",
+        "## Part 2: MLP forecaster on ETTh1 (numpy, hand-written backprop)", "", "text", "",
+        "### Table 1: learning rate on ETTh1", "", "|||||", "", "### Table 2: hidden size on ETTh1", "", "|||||", "",
+        "text", "", "|||", "", "text", "", "-", "-", "-", "-", "-", "-", "", "text", "",
+        "### Loss curves", "", "text", "", "", "### Test predictions (ETTh1, OT channel, default variant)", "", "",
+        "## Part 3: CNNs on PathMNIST (64 px)", "", "text", "",
+        "### Table 3: training strategies (model B) on PathMNIST 64 px", "", "|||||||", "",
+        "### Table 4: from scratch vs fine-tuned on PathMNIST 64 px", "", "|||||", "",
+        "### Curves (train loss, validation AUC, validation ACC against iterations)", "",
+        "### Feature maps of ResNet-18", "", "### Confusion matrices (test split)", "", "", ""]
