@@ -5,7 +5,9 @@ shows up (never a silently invented number)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -20,10 +22,27 @@ REPO = Path(__file__).resolve().parents[2]
 REFS = yaml.safe_load(build.REFERENCES.read_text())
 
 
+@functools.cache
+def _repo_params() -> P.Params:
+    return P.load(REPO / "params.yaml")
+
+
+@functools.cache
+def _parsed(text: str):
+    return _safe_load(text)
+
+
+_safe_load = yaml.safe_load
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
+    """A tmp folder with tiny metrics files for every run params.yaml names; the repository's params.
+    Each YAML text is parsed once per session (pure-Python yaml takes ~0.15 s, and these tests build
+    ~60 reports): Report() still reads references.yaml itself, the parse is only reused."""
+    monkeypatch.setattr(build.yaml, "safe_load", lambda text: copy.deepcopy(_parsed(text)))
     monkeypatch.chdir(tmp_path)
-    params = P.load(REPO / "params.yaml")
+    params = _repo_params()
     for i, variant in enumerate(params.mlp_variants()):
         _write(f"metrics/mlp/{variant}.json", {"test_mse": 0.4 + i / 100 + 1e-5, "test_mae": 0.43 + i / 1000,
                                               "test_mse_std": 0.002 + i / 1000, "test_mae_std": 0.003 + i / 1000})
