@@ -229,8 +229,10 @@ def test_a_row_from_another_data_set_than_params_name_is_marked(workspace):
     """Stale files (e.g. params switched to ChestMNIST, metrics still PathMNIST's) never pass silently."""
     _write("metrics/cnn/hflip.run.json", {"data_source": "PathMNIST 28px (medmnist)"})
     _write("metrics/mlp/h1024.run.json", {"data_source": "ETTh2 (real)"})
+    _write("metrics/mlp/assignment.run.json", {"data_source": "ETTh2 (real)"})
     text = build.Report(workspace).build("abc1234")
     assert "| hflip ⚠ ran on PathMNIST 28px (medmnist) |" in text and "| rotation |" in text
+    assert "| mlp@assignment ⚠ ran on ETTh2 (real) | 5 |" in text       # the other-variants table too
     assert "| mlp@h1024 ⚠ ran on ETTh2 (real) |" in text and "| mlp@h2048 |" in text
 
 
