@@ -149,8 +149,7 @@ class Report:
     # -- part 1 --------------------------------------------------------------------------------
     def part1(self) -> None:
         self.add("## Part 1: backpropagation, made executable", "")
-        values, run = self.load(Path("metrics/backprop.json"), "part 1", BACKPROP_HEADLINE, BACKPROP_DETAILS,
-                                numbers=False)
+        values, run = self.load(Path("metrics/backprop.json"), "part 1", BACKPROP_HEADLINE, BACKPROP_DETAILS)
         if values is None or any(values.get(k) is None for k in (*BACKPROP_HEADLINE, *BACKPROP_DETAILS)):
             self.add("*Missing: `metrics/backprop.json` or some of its numbers (stage `backprop`).*", "")
             return

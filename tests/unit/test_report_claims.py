@@ -5,10 +5,13 @@ shows up (never a silently invented number)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
+import medmnist  # noqa: F401  (image titles come from medmnist's table: import it at collection, once, not per test run)
 import pytest
 import yaml
 
@@ -19,10 +22,27 @@ REPO = Path(__file__).resolve().parents[2]
 REFS = yaml.safe_load(build.REFERENCES.read_text())
 
 
+@functools.cache
+def _repo_params() -> P.Params:
+    return P.load(REPO / "params.yaml")
+
+
+@functools.cache
+def _parsed(text: str):
+    return _safe_load(text)
+
+
+_safe_load = yaml.safe_load
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
+    """A tmp folder with tiny metrics files for every run params.yaml names; the repository's params.
+    Each YAML text is parsed once per session (pure-Python yaml takes ~0.15 s, and these tests build
+    ~60 reports): Report() still reads references.yaml itself, the parse is only reused."""
+    monkeypatch.setattr(build.yaml, "safe_load", lambda text: copy.deepcopy(_parsed(text)))
     monkeypatch.chdir(tmp_path)
-    params = P.load(REPO / "params.yaml")
+    params = _repo_params()
     for i, variant in enumerate(params.mlp_variants()):
         _write(f"metrics/mlp/{variant}.json", {"test_mse": 0.4 + i / 100 + 1e-5, "test_mae": 0.43 + i / 1000,
                                               "test_mse_std": 0.002 + i / 1000, "test_mae_std": 0.003 + i / 1000})
@@ -152,7 +172,10 @@ def test_pathmnist_at_another_size_keeps_the_references_and_says_their_size(work
         _write(f"metrics/cnn/{name}.run.json", {"data_source": "PathMNIST 28px (medmnist)"})
     text = build.Report(_with(workspace, images={"size": 28})).build("abc1234")
     assert "## Part 3: CNNs on PathMNIST (28 px)" in text
-    assert "The references were measured at 64 px, these runs at 28 px." in text
+    assert _lines_after(text, "## Part 3: CNNs on PathMNIST (28 px)")[1] == (
+        "Test AUC and ACC on PathMNIST at 28 px, as MedMNIST's evaluator scores a multi-class set. References "
+        f"(pathmnist, 64 px): {REFS['cnn']['source']}; Δ = ours − reference. The references were measured at 64 px, "
+        "these runs at 28 px.")
     header, rows = _table(text, "Table 3")
     assert "ref AUC" in header and set(rows) == set(REFS["cnn"]["strategies"])
 
@@ -206,8 +229,10 @@ def test_a_row_from_another_data_set_than_params_name_is_marked(workspace):
     """Stale files (e.g. params switched to ChestMNIST, metrics still PathMNIST's) never pass silently."""
     _write("metrics/cnn/hflip.run.json", {"data_source": "PathMNIST 28px (medmnist)"})
     _write("metrics/mlp/h1024.run.json", {"data_source": "ETTh2 (real)"})
+    _write("metrics/mlp/assignment.run.json", {"data_source": "ETTh2 (real)"})
     text = build.Report(workspace).build("abc1234")
     assert "| hflip ⚠ ran on PathMNIST 28px (medmnist) |" in text and "| rotation |" in text
+    assert "| mlp@assignment ⚠ ran on ETTh2 (real) | 5 |" in text       # the other-variants table too
     assert "| mlp@h1024 ⚠ ran on ETTh2 (real) |" in text and "| mlp@h2048 |" in text
 
 
@@ -230,3 +255,247 @@ def test_a_metric_of_the_wrong_type_fails(workspace):
     _write("metrics/cnn/finetune.json", {"test_auc": "high", "test_acc": 0.9})
     with pytest.raises(ValueError, match="metrics/cnn/finetune.json: test_auc is 'high', not a number"):
         build.Report(workspace).build("abc1234")
+
+
+def _parse(edit):
+    """params.yaml with `edit(raw dict)` applied, validated as the stages validate it."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(raw)
+    return P.parse(raw)
+
+
+def _lines_after(text: str, heading: str) -> list[str]:
+    lines = text.split("\n")
+    return lines[lines.index(heading) + 1:]
+
+
+MLP_HEAD = ["variant", "our lr / hidden", "assignment setting", "seeds", "window_norm", "our MSE", "our MAE",
+            "ref MSE", "ref MAE", "ΔMSE", "ΔMAE", "test windows", "MLflow run"]
+
+
+def test_mlp_table_columns_come_in_this_order_with_a_separator_per_column(workspace):
+    text = build.Report(workspace).build("abc1234")
+    after = _lines_after(text, "### Table 1: learning rate on ETTh1")
+    assert after[:3] == ["", "| " + " | ".join(MLP_HEAD) + " |", "|---" * len(MLP_HEAD) + "|"]
+    assert [line.split(" | ")[0] for line in after[3:6]] == ["| mlp@default", "| mlp@lr_div5", "| mlp@lr_div50"]
+    assert after[6] == ""
+    other = _with(workspace, ett={"name": "ETTh2"})
+    for variant in workspace.mlp_variants():
+        _write(f"metrics/mlp/{variant}.run.json", {"data_source": "ETTh2 (real)"})
+    after = _lines_after(build.Report(other).build("abc1234"), "### Table 2: hidden size on ETTh2")
+    head = ["variant", "our lr / hidden", "assignment setting", "seeds", "window_norm", "MSE", "MAE",
+            "test windows", "MLflow run"]
+    assert after[1:3] == ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    assert [line.split(" | ")[0] for line in after[3:6]] == ["| mlp@default", "| mlp@h1024", "| mlp@h2048"]
+
+
+def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_run_link(workspace, monkeypatch):
+    monkeypatch.setenv("MLFLOW_UI_URL", "http://ui.example:5000/")
+    _write("metrics/mlp/h1024.run.json", {"data_source": "ETTh1 (real)", "run_id": "0123456789abcdef" * 2,
+                                          "ui_path": "#/experiments/3/runs/0123456789abcdef0123456789abcdef",
+                                          "tracking_uri": "sqlite:///mlflow.db"})
+    text = build.Report(workspace).build("abc1234")
+    cfg, values = workspace.mlp_variant("h1024"), _read("metrics/mlp/h1024.json")
+    ref = REFS["mlp"]["hidden_size"]["h1024"]
+    row = next(line for line in _lines_after(text, "### Table 2: hidden size on ETTh1") if line.startswith("| mlp@h1024"))
+    assert row == ("| mlp@h1024 | " + f"{cfg.lr:g} / 1024 | hidden 1024 | 5 | revin | "
+                   f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f} | "
+                   f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | "
+                   f"{ref['mse']:.4f} | {ref['mae']:.4f} | {values['test_mse'] - ref['mse']:+.4f} | "
+                   f"{values['test_mae'] - ref['mae']:+.4f} | 2689 | "
+                   "[`01234567`](http://ui.example:5000/#/experiments/3/runs/0123456789abcdef0123456789abcdef) |")
+    assert "| mlp@h2048 |" in text and "no MLflow run" in text.split("| mlp@h2048 |")[1].split("\n")[0]
+
+
+def test_a_missing_mlp_file_leaves_n_a_in_every_cell_that_would_come_from_it(workspace):
+    for suffix in (".json", ".details.json", ".run.json"):
+        Path(f"metrics/mlp/h2048{suffix}").unlink()
+    text = build.Report(workspace).build("abc1234")
+    row = _table(text, "Table 2")[1]["mlp@h2048"]
+    ref = REFS["mlp"]["hidden_size"]["h2048"]
+    assert [row[c] for c in ("seeds", "window_norm", "our MSE", "our MAE", "ref MSE", "ref MAE", "ΔMSE", "ΔMAE",
+                             "test windows", "MLflow run")] == [
+        "n/a", "n/a", "n/a", "n/a", f"{ref['mse']:.4f}", f"{ref['mae']:.4f}", "n/a", "n/a", "n/a", "no MLflow run"]
+    assert "- mlp@h2048:" not in text   # no window_norm line invented for it
+
+
+def test_a_variant_params_do_not_name_has_no_row_and_the_rest_of_its_table_stays(workspace):
+    def drop(raw):
+        del raw["mlp"]["variants"]["lr_div5"]
+        del raw["cnn"]["ablations"]["steplr"]
+    params = _parse(drop)
+    text = build.Report(params).build("abc1234")
+    assert list(_table(text, "Table 1")[1]) == ["mlp@default", "mlp@lr_div50"]
+    assert list(_table(text, "Table 3")[1]) == ["densenet121", "rotation", "hflip", "rotation_hflip"]
+    assert "metrics/mlp/lr_div5.json" not in text and "steplr" not in text
+
+
+def test_the_other_variants_table_holds_only_the_variants_outside_tables_1_and_2_with_their_timing(workspace):
+    _write("metrics/mlp/assignment.timing.json", {"train_seconds": 12.5})
+    _write("metrics/mlp/assignment.run.json", {"data_source": "ETTh1 (synthetic)"})
+    text = build.Report(workspace).build("abc1234")
+    after = _lines_after(text, "Other variants (see params.yaml):")
+    values = {**_read("metrics/mlp/assignment.json"), **_read("metrics/mlp/assignment.details.json")}
+    assert after[:5] == [
+        "", "| variant | seeds | window_norm | MSE | MAE | best epoch | seconds | MLflow run |", "|---" * 8 + "|",
+        f"| mlp@assignment ⚠ synthetic | 5 | {values['window_norm']} | "
+        f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f} | "
+        f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | {values['best_epoch']} | 12.5 | no MLflow run |", ""]
+    params = _parse(lambda raw: raw["mlp"]["variants"].pop("assignment"))
+    assert "Other variants" not in build.Report(params).build("abc1234")
+
+
+def test_window_norm_lines_appear_only_for_variants_that_report_candidate_losses(workspace):
+    for variant in workspace.mlp_variants():
+        details = _read(f"metrics/mlp/{variant}.details.json")
+        if variant != "h1024":
+            del details["window_norm_val_loss"]
+        _write(f"metrics/mlp/{variant}.details.json", details)
+    text = build.Report(workspace).build("abc1234")
+    assert _lines_after(text, "Window normalisation per variant: the one kept, and each candidate's best validation "
+                              "loss (first seed; the lowest is kept when `window_norm: auto`):")[:3] == [
+        "", "- mlp@h1024: **revin** (none 0.9300, last 0.9500, mean 0.9700, revin 0.9100)", ""]
+    for variant in workspace.mlp_variants():
+        details = _read(f"metrics/mlp/{variant}.details.json")
+        details.pop("window_norm_val_loss", None)
+        _write(f"metrics/mlp/{variant}.details.json", details)
+    assert "Window normalisation per variant" not in build.Report(workspace).build("abc1234")
+
+
+def test_the_published_etth1_results_are_listed_from_the_references(workspace):
+    text = build.Report(workspace).build("abc1234")
+    pub = REFS["mlp"]["published"]
+    assert (f"Published results ({pub['source']}): DLinear 0.437 / 0.432; PatchTST 0.460 / 0.445; "
+            "TimesNet 0.436 / 0.429.") in text.split("\n")
+    assert [r["model"] for r in pub["rows"]] == ["DLinear", "PatchTST", "TimesNet"]
+
+
+def test_part_2_note_names_the_series_target_and_reference_source(workspace):
+    text = build.Report(workspace).build("abc1234")
+    blank, note, after = _lines_after(text, "## Part 2: MLP forecaster on ETTh1 (numpy, hand-written backprop)")[:3]
+    assert blank == after == ""
+    assert note == ("Test MSE and MAE on ETTh1 (target OT, standardised): the mean ± sample std over `seeds` "
+                    "training seeds; `window_norm` is the per-window normalisation chosen on validation. "
+                    f"References (ETTh1): {REFS['mlp']['source']}; Δ = our mean − reference.")
+
+
+CNN_HEAD = ["run", "experiment", "our AUC", "our ACC", "ref AUC", "ref ACC", "ΔAUC", "ΔACC"]
+CNN_TAIL = ["best epoch", "train s", "images/s", "MLflow run"]
+
+
+def test_cnn_table_columns_come_in_this_order(workspace):
+    text = build.Report(workspace).build("abc1234")
+    for heading, cols in (("### Table 3: training strategies (model B) on PathMNIST 64 px", CNN_HEAD + CNN_TAIL),
+                          ("### Table 4: from scratch vs fine-tuned on PathMNIST 64 px",
+                           CNN_HEAD + ["published (AUC / ACC)"] + CNN_TAIL)):
+        after = _lines_after(text, heading)
+        assert after[:3] == ["", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    after = _lines_after(text, "### Table 4: from scratch vs fine-tuned on PathMNIST 64 px")
+    assert [line.split(" | ")[0] for line in after[3:7]] == ["| resnet18", "| densenet121", "| finetune", ""]
+    text = build.Report(_with(workspace, images={"name": "dermamnist"})).build("abc1234")
+    after = _lines_after(text, "### Table 4: from scratch vs fine-tuned on DermaMNIST 64 px")
+    cols = ["run", "experiment", "AUC", "ACC"] + CNN_TAIL
+    assert after[1:3] == ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+
+
+def test_a_cnn_row_is_exactly_the_files_numbers_timing_and_published_reference(workspace):
+    _write("metrics/cnn/finetune.timing.json", {"train_seconds": 12.345, "images_per_second": 1234.6})
+    text = build.Report(workspace).build("abc1234")
+    rows = _table(text, "Table 4")[1]
+    values, ref = _read("metrics/cnn/finetune.json"), REFS["cnn"]["models"]["finetune"]
+    assert list(rows["finetune"].values()) == [
+        "finetune", ref["label"], f"{values['test_auc']:.3f}", f"{values['test_acc']:.3f}", f"{ref['auc']:.3f}",
+        f"{ref['acc']:.3f}", f"{values['test_auc'] - ref['auc']:+.3f}", f"{values['test_acc'] - ref['acc']:+.3f}",
+        ref["published"], "4", "12.3", "1235", "no MLflow run"]
+    assert rows["densenet121"]["published (AUC / ACC)"] == "—"          # an empty reference is a dash
+    assert [rows["resnet18"][c] for c in ("train s", "images/s")] == ["n/a", "n/a"]
+
+
+def test_a_fine_tuning_row_trained_from_scratch_says_so(workspace):
+    params = _parse(lambda raw: raw["cnn"]["experiments"]["finetune"].update(pretrained=False))
+    rows = _table(build.Report(params).build("abc1234"), "Table 4")[1]
+    assert rows["finetune"]["experiment"] == ("DenseNet121 fine-tuned from ImageNet ⚠ trained from scratch here "
+                                              "(pretrained: false)")
+    assert rows["resnet18"]["experiment"] == "A: ResNet-18 from scratch"
+
+
+def test_part_3_note_names_the_set_its_task_and_the_references(workspace):
+    text = build.Report(workspace).build("abc1234")
+    refs = REFS["cnn"]
+    assert _lines_after(text, "## Part 3: CNNs on PathMNIST (64 px)")[:3:2] == ["", ""]
+    assert _lines_after(text, "## Part 3: CNNs on PathMNIST (64 px)")[1] == (
+        "Test AUC and ACC on PathMNIST at 64 px, as MedMNIST's evaluator scores a multi-class set. "
+        f"References (pathmnist, 64 px): {refs['source']}; Δ = ours − reference.")
+    text = build.Report(_with(workspace, images={"name": "pneumoniamnist", "size": 28})).build("abc1234")
+    assert _lines_after(text, "## Part 3: CNNs on PneumoniaMNIST (28 px)")[1] == (
+        "Test AUC and ACC on PneumoniaMNIST at 28 px, as MedMNIST's evaluator scores a binary-class set. "
+        "No reference values exist for PneumoniaMNIST: our numbers alone.")
+
+
+def test_per_label_details_make_a_set_multi_label_even_when_params_say_otherwise(workspace):
+    details = _read("metrics/cnn/hflip.details.json")
+    _write("metrics/cnn/hflip.details.json", {**details, "per_label": [{"auc": 0.9}]})
+    text = build.Report(workspace).build("abc1234")
+    assert "scores a multi-label set" in text
+    assert "### Per-label test outcomes (multi-label)" in text and "### Confusion matrices" not in text
+
+
+def test_a_bool_metric_is_not_a_number(workspace):
+    _write("metrics/mlp/default.json", {**_read("metrics/mlp/default.json"), "test_mae": True})
+    with pytest.raises(ValueError, match="metrics/mlp/default.json: test_mae is True, not a number"):
+        build.Report(workspace).build("abc1234")
+    _write("metrics/mlp/default.json", {**_read("metrics/mlp/default.json"), "test_mae": 1})   # an int is one
+    assert _table(build.Report(workspace).build("abc1234"), "Table 1")[1]["mlp@default"]["our MAE"].startswith(
+        "1.0000 ± ")
+
+
+def test_a_missing_file_leaves_n_a_in_the_other_variants_and_cnn_rows_too(workspace):
+    for path in ("metrics/mlp/assignment.json", "metrics/mlp/assignment.details.json", "metrics/cnn/steplr.json",
+                 "metrics/cnn/steplr.details.json"):
+        Path(path).unlink()
+    text = build.Report(workspace).build("abc1234")
+    assert "| mlp@assignment | n/a | n/a | n/a | n/a | n/a | n/a | no MLflow run |" in text.split("\n")
+    ref = REFS["cnn"]["strategies"]["steplr"]
+    assert list(_table(text, "Table 3")[1]["steplr"].values()) == [
+        "steplr", ref["label"], "n/a", "n/a", f"{ref['auc']:.3f}", f"{ref['acc']:.3f}", "n/a", "n/a", "n/a", "n/a",
+        "n/a", "no MLflow run"]
+
+
+def test_a_window_norm_line_without_the_chosen_norm_says_n_a(workspace):
+    details = _read("metrics/mlp/h2048.details.json")
+    del details["window_norm"]
+    _write("metrics/mlp/h2048.details.json", details)
+    report = build.Report(workspace)
+    text = report.build("abc1234")
+    assert "- mlp@h2048: **n/a** (none 0.9400, last 0.9500, mean 0.9700, revin 0.9100)" in text.split("\n")
+    assert "metrics/mlp/h2048.details.json (no window_norm)" in report.missing
+
+
+def _skeleton(text: str) -> list[str]:
+    """The document's shape: headings verbatim, a blank line as "", a table as one "|" per line, and other
+    lines by their first character (">" banner, "-" list item, "text" a paragraph)."""
+    shape = []
+    for line in text.split("\n"):
+        kind = line if line.startswith("#") or not line else {"|": "|", ">": ">", "-": "-"}.get(line[0], "text")
+        if kind == "|" and shape and set(shape[-1]) == {"|"}:
+            shape[-1] += "|"
+        else:
+            shape.append(kind)
+    return shape
+
+
+def test_every_heading_table_and_paragraph_stands_apart_in_this_order(workspace):
+    """Markdown needs the blank lines: a table or heading glued to a paragraph does not render."""
+    text = build.Report(workspace).build("abc1234")
+    assert _skeleton(text) == [
+        "# Deep-learning assignment, reproduced", "", ">", "", "-", "-", "-", "-", "-", "-", "",
+        "## Part 1: backpropagation, made executable", "", "text", "", "|||", "", "text", "",
+        "## Part 2: MLP forecaster on ETTh1 (numpy, hand-written backprop)", "", "text", "",
+        "### Table 1: learning rate on ETTh1", "", "|||||", "", "### Table 2: hidden size on ETTh1", "", "|||||", "",
+        "text", "", "|||", "", "text", "", "-", "-", "-", "-", "-", "-", "", "text", "",
+        "### Loss curves", "", "text", "", "", "### Test predictions (ETTh1, OT channel, default variant)", "", "",
+        "## Part 3: CNNs on PathMNIST (64 px)", "", "text", "",
+        "### Table 3: training strategies (model B) on PathMNIST 64 px", "", "|||||||", "",
+        "### Table 4: from scratch vs fine-tuned on PathMNIST 64 px", "", "|||||", "",
+        "### Curves (train loss, validation AUC, validation ACC against iterations)", "",
+        "### Feature maps of ResNet-18", "", "### Confusion matrices (test split)", "", "", ""]
