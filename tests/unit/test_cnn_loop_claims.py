@@ -240,7 +240,7 @@ def test_train_step_is_one_optimizer_step_on_the_cross_entropy():
 
 
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_path):
-    cfg = _cfg(epochs=3, select_by="acc")
+    cfg = _cfg(epochs=3, select_by="acc", log_every=1)
     straight_model, straight, _ = _train(cfg, checkpoint_dir=tmp_path / "a")
 
     class Stop(Exception):
@@ -258,6 +258,7 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_p
         cnn_loop.train(Scripted(), _splits(), cfg, 0, stop_in_epoch_3, checkpoint_dir=tmp_path / "b")
     model, resumed, _ = _train(replace(cfg, resume=True), checkpoint_dir=tmp_path / "b")
     assert resumed.resumed_from == 2 and len(model.train_inputs) == 1
+    assert len(straight.curve) == 3 and resumed.curve == straight.curve    # the rows before the interruption too
     assert resumed.best_epoch == straight.best_epoch == 2 and resumed.best_val == straight.best_val
     assert int(model.steps) == int(straight_model.steps) == 2
     assert resumed.images_seen == straight.images_seen == 12
@@ -547,6 +548,16 @@ def test_every_log_call_and_curve_row_is_exact():
     assert short.curve[1]["train_loss"] == pytest.approx(losses[2], rel=1e-5)
 
 
+def test_the_curve_ends_at_the_last_step_with_the_mean_loss_since_the_last_log():
+    cfg = _cfg(epochs=1, max_steps_per_epoch=0, batch_size=2, log_every=1000, lr=0.05)
+    _, result, _ = _train(cfg, splits=_splits(n_train=6))
+    scores = torch.softmax(TABLE[3], 1).numpy()
+    assert result.curve == [pytest.approx({
+        "step": 3, "epoch": 1, "train_loss": sum(_expected_losses(cfg, 3)) / 3,
+        "val_auc": getAUC(VAL_LABELS, scores, "multi-class"), "val_acc": getACC(VAL_LABELS, scores, "multi-class")},
+        rel=1e-5)]
+
+
 def test_the_best_is_kept_when_no_epoch_beats_the_initial_minus_one():
     zero = torch.zeros(4, 6, 3)      # AUC 0.5, ACC 1/3 every epoch: the first epoch is the best
     model, result, _ = _train(_cfg(epochs=2, select_by="acc"), model=Scripted(zero))
@@ -568,6 +579,13 @@ def test_a_checkpoint_named_by_the_fingerprint_is_written_after_every_epoch(tmp_
     assert seen == [[], [f"{key[:16]}.pt"]]      # written after the epoch's log, before the next epoch
     state = torch.load(result.checkpoint, weights_only=True)
     assert state["fingerprint"] == key and state["epoch"] == 2 and state["step"] == 2
+    # The caller's code files are part of the name: a checkpoint of other stage code is not resumed.
+    stage = tmp_path / "stage.py"
+    stage.write_text("x = 1\n")
+    with_code = cnn_loop.train(Scripted(), _splits(), cfg, 0, lambda m, s: None, checkpoint_dir=tmp_path / "c",
+                               data_source="d", code_files=[stage])
+    assert with_code.checkpoint.name == f"{cnn_loop.fingerprint(cfg, 0, _splits(), 'd', [stage])[:16]}.pt" \
+        != result.checkpoint.name
     assert state["best_epoch"] == result.best_epoch and state["curve"] == result.curve
     assert state["images_seen"] == 8 and state["train_seconds"] == result.train_seconds
     assert int(state["model"]["steps"]) == 2 and torch.equal(state["best_state"]["steps"], result.best_state["steps"])

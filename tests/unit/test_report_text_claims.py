@@ -276,6 +276,12 @@ def test_part_3_links_the_feature_maps_and_each_confusion_matrix_that_exists(wor
 
 # -- the whole document ------------------------------------------------------------------------------
 
+def test_the_header_names_part_1s_data_source(workspace):
+    _write("metrics/backprop.run.json", {"data_source": "ETTh1 (real)"})
+    head = build.Report(workspace).build("abc1234").split("## Part 1")[0].split("\n")
+    assert "- data, part 1: ETTh1 (real)" in head
+
+
 def test_header_lists_commit_date_devices_sources_and_missing_results_before_the_parts(workspace):
     _write("metrics/cnn/hflip.run.json", {"data_source": "PathMNIST 64px (synthetic)", "device": "cuda:0"})
     _write("metrics/cnn/resnet18.run.json", {"data_source": "PathMNIST 64px (medmnist)", "device": "cpu"})
