@@ -38,8 +38,8 @@ params: setup
 plots-template: setup
 	"$(BIN)/python" vega/build_template.py
 
-# Mutation testing (slow; not in CI): mutate pipeline/data, models, train and the report's table
-# code, run the fast unit tests (tests/unit) against each mutant, print the kill rate per module.
+# Mutation testing (slow; not in CI): mutate pipeline/data, models, train and the report builder,
+# run the fast unit tests (tests/unit) against each mutant, print the kill rate per module.
 # MUTATE=pipeline.train.* limits the run to some mutants (a glob on mutant names).
 # One BLAS/OpenMP thread per mutant: mutmut already runs MUTATE_JOBS of them side by side.
 mutate: setup
