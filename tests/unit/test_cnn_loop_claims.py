@@ -239,23 +239,26 @@ def test_train_step_is_one_optimizer_step_on_the_cross_entropy():
         assert torch.allclose(a, b)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _interrupt_at_epoch_log(model, splits, cfg, checkpoint_dir, step):
+    """Train until the end-of-epoch log at global `step`, then stop there as an interruption would
+    (after the epoch's evaluation, before its checkpoint)."""
+    def log(metrics, at):
+        if "lr" in metrics and at == step:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        cnn_loop.train(model, splits, cfg, 0, log, checkpoint_dir=checkpoint_dir)
+
+
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_path):
     cfg = _cfg(epochs=3, select_by="acc", log_every=1)
     straight_model, straight, _ = _train(cfg, checkpoint_dir=tmp_path / "a")
 
-    class Stop(Exception):
-        pass
-
-    epochs_logged = []
-
-    def stop_in_epoch_3(metrics, step):
-        if "lr" in metrics:
-            epochs_logged.append(step)
-            if len(epochs_logged) == 3:
-                raise Stop
-
-    with pytest.raises(Stop):
-        cnn_loop.train(Scripted(), _splits(), cfg, 0, stop_in_epoch_3, checkpoint_dir=tmp_path / "b")
+    _interrupt_at_epoch_log(Scripted(), _splits(), cfg, tmp_path / "b", step=3)   # one step per epoch: epoch 3
     model, resumed, _ = _train(replace(cfg, resume=True), checkpoint_dir=tmp_path / "b")
     assert resumed.resumed_from == 2 and len(model.train_inputs) == 1
     assert len(straight.curve) == 3 and resumed.curve == straight.curve    # the rows before the interruption too
@@ -600,15 +603,7 @@ def test_resume_restores_weights_optimizer_scheduler_and_random_stream(tmp_path)
     straight_model = Scripted(table)
     _, straight, straight_logs = _train(cfg, splits=_splits(6), model=straight_model, checkpoint_dir=tmp_path / "a")
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_epoch_2(metrics, step):
-        if "lr" in metrics and step == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        cnn_loop.train(Scripted(table), _splits(6), cfg, 0, stop_after_epoch_2, checkpoint_dir=tmp_path / "b")
+    _interrupt_at_epoch_log(Scripted(table), _splits(6), cfg, tmp_path / "b", step=4)
     # An interrupted epoch 2: the checkpoint after epoch 1 is there.
     saved = torch.load(next((tmp_path / "b").iterdir()), weights_only=True)
     assert saved["epoch"] == 1 and saved["train_seconds"] > 0
@@ -755,15 +750,7 @@ def test_resumed_training_time_is_exactly_the_uninterrupted_runs(tmp_path, monke
     cfg = _cfg(epochs=3, max_steps_per_epoch=0, batch_size=4, log_every=2)
     _, straight, _ = _train(cfg, splits=_splits(8), model=Timed(clock), checkpoint_dir=tmp_path / "a")
 
-    class Stop(Exception):
-        pass
-
-    def stop_in_epoch_3(metrics, step):
-        if "lr" in metrics and step == 6:
-            raise Stop
-
-    with pytest.raises(Stop):
-        cnn_loop.train(Timed(clock), _splits(8), cfg, 0, stop_in_epoch_3, checkpoint_dir=tmp_path / "b")
+    _interrupt_at_epoch_log(Timed(clock), _splits(8), cfg, tmp_path / "b", step=6)
     _, resumed, _ = _train(replace(cfg, resume=True), splits=_splits(8), model=Timed(clock),
                            checkpoint_dir=tmp_path / "b")
     assert straight.train_seconds == 6.0 and resumed.train_seconds == 6.0 and resumed.resumed_from == 2

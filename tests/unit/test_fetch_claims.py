@@ -163,34 +163,33 @@ def test_without_a_mirror_file_the_url_is_fetched_and_verified(tmp_path, bars, m
     assert (tmp_path / "b" / "ETTh1.csv").read_bytes() == PAYLOAD
 
 
-def test_a_download_without_content_length_shows_an_open_ended_bar(tmp_path, bars, monkeypatch):
+def _download_with_headers(tmp_path, monkeypatch, edit) -> str:
+    """fetch() of a local file:// URL whose response headers `edit` changes first."""
     source = tmp_path / "served.bin"
     source.write_bytes(PAYLOAD)
     real_urlopen = urllib.request.urlopen
 
     def urlopen(url, *args, **kwargs):
         response = real_urlopen(url, *args, **kwargs)
-        for name in ("Content-length", "Content-Length"):
-            del response.headers[name]
+        edit(response.headers)
         return response
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    assert fetch(tmp_path / "o.bin", source.as_uri(), _sha256(PAYLOAD)) == "download"
+    return fetch(tmp_path / "o.bin", source.as_uri(), _sha256(PAYLOAD))
+
+
+def test_a_download_without_content_length_shows_an_open_ended_bar(tmp_path, bars, monkeypatch):
+    def drop_length(headers):
+        for name in ("Content-length", "Content-Length"):
+            del headers[name]
+
+    assert _download_with_headers(tmp_path, monkeypatch, drop_length) == "download"
     assert bars[0]["total"] is None and (tmp_path / "o.bin").read_bytes() == PAYLOAD
 
 
 def test_a_non_numeric_content_length_is_ignored(tmp_path, bars, monkeypatch):
-    source = tmp_path / "served.bin"
-    source.write_bytes(PAYLOAD)
-    real_urlopen = urllib.request.urlopen
-
-    def urlopen(url, *args, **kwargs):
-        response = real_urlopen(url, *args, **kwargs)
-        response.headers.replace_header("Content-length", "12abc")
-        return response
-
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    assert fetch(tmp_path / "o.bin", source.as_uri(), _sha256(PAYLOAD)) == "download"
+    edit = lambda headers: headers.replace_header("Content-length", "12abc")   # noqa: E731
+    assert _download_with_headers(tmp_path, monkeypatch, edit) == "download"
     assert bars[0]["total"] is None
 
 
