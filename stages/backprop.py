@@ -2,7 +2,6 @@
 torch autograd), then train it with plain SGD on ETT direction labels and compare with the
 majority-class baseline."""
 
-import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +28,9 @@ def main(argv):
     params = P.load()
     cfg = params.backprop
     name = params.data.ett.name
-    frame = ett.load_csv(ett_csv(name))
+    target_name = params.data.ett.target
+    sha256, pinned = ett.check_pin(ett_csv(name), name, params.data.ett.pins)
+    frame = ett.load_csv(ett_csv(name), target_name)
     borders = ett.split_borders(name, len(frame), 0)
     period = borders["test"][1] - borders["test"][0]   # rows of the validation/test period
     if cfg.window + cfg.horizon > period:
@@ -38,15 +39,15 @@ def main(argv):
     seed_everything(params.base.seed)
     rng = np.random.default_rng(params.base.seed)
     splits = ett.standardised_splits(frame, name, cfg.window)
-    target = splits.columns.index(ett.TARGET)
+    target = splits.columns.index(target_name)
     data = {s: ett.direction_labels(getattr(splits, s), target, cfg.window, cfg.horizon, cfg.threshold,
                                     cfg.classes, cfg.stride if s == "train" else 1) for s in ("train", "val", "test")}
     n_features = data["train"][0].shape[2]
 
     with Tracker("backprop", "backprop", data_source=f"{name} (real)") as tracker:
-        tracker.params({"dataset": name, "seed": params.base.seed, **asdict(cfg)})
-        tracker.dataset(name, str(ett_csv(name).resolve()), hashlib.sha256(ett_csv(name).read_bytes()).hexdigest(),
-                        {s: len(data[s][1]) for s in data})
+        tracker.params({"dataset": name, "target": target_name, "seed": params.base.seed, "data_pinned": pinned,
+                        **asdict(cfg)})
+        tracker.dataset(name, str(ett_csv(name).resolve()), sha256, {s: len(data[s][1]) for s in data})
         # 1. Gradient checks on a random batch (small L so finite differences stay cheap).
         check_params = net.init_params(cfg.check_window, n_features, cfg.classes, rng)
         for key in ("b1", "b2", "b3"):   # non-zero biases so every term of the derivation is exercised

@@ -1,11 +1,13 @@
 """Part 1: the hand-derived gradients are proven (and a broken one is caught); the stage trains."""
 
+import json
 import shutil
 
 import numpy as np
 import pytest
+import yaml
 
-from conftest import SHARED_DATA, make_repo_copy, run, small_params
+from conftest import SHARED_DATA, dvc, make_repo_copy, run, small_params
 from pipeline.data import ett
 from pipeline.gradcheck import check_backprop_net
 from pipeline.models import backprop_net as net
@@ -78,4 +80,35 @@ def test_bad_params_stop_before_any_work(tmp_path, key, value, message):
     shutil.copy(SHARED_DATA / "ETTh1.csv", repo / "data/raw/ETTh1.csv")
     result = run(["python", "-m", "stages.backprop"], repo, check=False)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (repo / "metrics/backprop.json").exists()
+
+
+def test_a_csv_without_ot_runs_through_dvc_repro_backprop_on_its_target_column(tmp_path):
+    """data.ett.target is read by backprop (and declared in dvc.yaml): any forecasting CSV works."""
+    frame = ett.load_csv(SHARED_DATA / "ETTh1.csv").iloc[:3000]
+    frame = frame.rename(columns={"OT": "load"})[["date", "load", "HUFL", "MUFL"]]
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    frame.to_csv(mirror / "grid.csv", index=False)
+    params = small_params()
+    params["data"]["ett"].update(name="grid", target="load", pins={}, url="http://127.0.0.1:9/{name}.csv")
+    repo = make_repo_copy(tmp_path / "repo", params)
+    dvc(repo, "repro", "backprop", DATA_MIRROR=mirror)
+    metrics = json.loads((repo / "metrics/backprop.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1
+    details = json.loads((repo / "metrics/backprop.details.json").read_text())
+    assert details["n_test"] == 24 + 600 - 24 - 24 + 1   # the window before + the 600 test rows (70/10/20)
+    stage = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["backprop"]
+    assert stage["params"]["params.yaml"]["data.ett.target"] == "load"
+
+
+def test_an_edited_pinned_csv_is_refused_before_training(tmp_path):
+    params = small_params()
+    repo = make_repo_copy(tmp_path, params)
+    (repo / "data/raw").mkdir(parents=True)
+    data = (SHARED_DATA / "ETTh1.csv").read_bytes()
+    (repo / "data/raw/ETTh1.csv").write_bytes(data.replace(b"5.827", b"5.828", 1))
+    result = run(["python", "-m", "stages.backprop"], repo, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "its pin data.ett.pins.ETTh1" in result.stderr and "dvc repro download_ett" in result.stderr
     assert not (repo / "metrics/backprop.json").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.data.fetch import file_digest
 from pipeline.errors import DataError
 
 TARGET = "OT"   # the default target column (params: data.ett.target)
@@ -43,7 +44,23 @@ def load_csv(path: Path, target: str = TARGET) -> pd.DataFrame:
     if nan_columns:
         rows = int(values[nan_columns].isna().any(axis=1).sum())
         raise DataError(f"{path}: {rows} rows have missing values in {nan_columns}. {way_out}")
+    infinite = np.isinf(values.to_numpy(dtype=np.float64))   # "inf" parses as a float: bad data, not divergence
+    if infinite.any():
+        row, col = (int(i) for i in np.argwhere(infinite)[0])
+        raise DataError(f"{path}: {int(infinite.any(axis=1).sum())} rows hold an infinite value (first: column "
+                        f"{values.columns[col]!r}, data row {row + 1}, date {frame['date'].iloc[row]}). {way_out}")
     return frame
+
+
+def check_pin(path: Path, name: str, pins: dict[str, str]) -> tuple[str, bool]:
+    """The file's sha256 and whether it is pinned; refuses a file that differs from its pin, so no
+    run trains on edited data while recording `data_pinned: true`."""
+    sha256, pin = file_digest(path), pins.get(name, "")
+    if pin and sha256 != pin:
+        raise DataError(f"{path} has sha256 {sha256}, but its pin data.ett.pins.{name} is {pin} (the file was "
+                        f"edited or replaced). Ways out: delete {path} and re-run `dvc repro download_ett`; or, "
+                        f"if the file is meant to differ, set data.ett.pins.{name} to its sha256 or remove the pin.")
+    return sha256, bool(pin)
 
 
 def split_borders(name: str, n_rows: int, input_len: int, pred_len: int = 0) -> dict[str, tuple[int, int]]:
