@@ -7,6 +7,7 @@ an interrupted or failed fetch never leaves a file that a later stage (or DVC) w
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.request
 from pathlib import Path
@@ -72,11 +73,18 @@ def fetch(dest: Path, url: str, expected: str, algorithm: str = "sha256",
         try:
             with urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT_S) as response, open(partial, "wb") as out:
                 length = response.headers.get("Content-Length")
-                _copy(response, out, int(length) if length and length.isdigit() else None, dest.name)
-        except OSError as error:  # URLError, timeouts and HTTP errors are OSErrors
-            tried.append(f"download {url}: {error}")
+                total = int(length) if length and length.isdigit() else None
+                _copy(response, out, total, dest.name)
+            got = partial.stat().st_size
+            # checked even without a pin, so a cut-off unpinned file is never kept
+            problem = f"the connection ended after {got} of {total} bytes" if total not in (None, got) else ""
+        # URLError, timeouts and HTTP errors are OSErrors; a connection cut mid-body is an HTTPException
+        except (OSError, http.client.HTTPException) as error:
+            problem = str(error) or type(error).__name__
+        if problem:
+            tried.append(f"download {url}: {problem}")
             raise DataError(f"could not get {dest.name}. Tried:\n  - " + "\n  - ".join(tried)
-                            + f"\nWays out: {way_out}") from None
+                            + f"\nWays out: {way_out}")
         _verify(partial, expected, algorithm, f"download {url}", way_out)
         os.replace(partial, dest)
         return "download"

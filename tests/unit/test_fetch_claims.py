@@ -6,6 +6,7 @@ and leaves nothing behind, and the mirror folder comes from $DATA_MIRROR or the 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.request
 from pathlib import Path
@@ -284,3 +285,75 @@ def test_the_default_algorithm_is_sha256_and_the_default_way_out_is_empty(tmp_pa
         fetch(tmp_path / "a.csv", "file:///nonexistent", _sha256(b"good"), mirror=mirror)
     assert f"sha256 is {_sha256(b'bad')}, expected {_sha256(b'good')}" in str(caught.value)
     assert str(caught.value).endswith("Ways out: ")
+
+
+# ---------------------------------------------------------------- transport errors (issue 17.3)
+
+def test_a_body_shorter_than_its_content_length_is_refused_and_nothing_is_kept(tmp_path, monkeypatch):
+    """No pin (expected ""): only Content-Length can tell that the connection was cut."""
+    source = tmp_path / "served.bin"
+    source.write_bytes(PAYLOAD)
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(url, *args, **kwargs):
+        response = real_urlopen(url, *args, **kwargs)
+        response.headers.replace_header("Content-length", str(len(PAYLOAD) + 10))
+        return response
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as caught:
+        fetch(out / "o.bin", source.as_uri(), "", "sha256", None, "set DATA_MIRROR")
+    message = str(caught.value)
+    assert f"the connection ended after {len(PAYLOAD)} of {len(PAYLOAD) + 10} bytes" in message
+    assert message.endswith("\nWays out: set DATA_MIRROR")
+    assert _files(out) == []
+
+
+class _CutServer:
+    """A real HTTP server that promises 1000 bytes and sends 100, then closes the connection."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"x" * 100)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}/f.csv"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_connection_cut_mid_body_is_the_one_clear_message(tmp_path):
+    out = tmp_path / "out"
+    with _CutServer() as url, pytest.raises(DataError) as caught:
+        fetch(out / "f.csv", url, "", "sha256", None, "set DATA_MIRROR")
+    message = str(caught.value)
+    assert message.startswith(f"could not get f.csv. Tried:\n  - download {url}: ")
+    assert message.endswith("\nWays out: set DATA_MIRROR") and _files(out) == []
+
+
+@pytest.mark.parametrize("error", [http.client.IncompleteRead(b"abc", 7), http.client.RemoteDisconnected("gone"),
+                                   http.client.BadStatusLine("junk")])
+def test_every_http_client_error_becomes_the_one_clear_message(tmp_path, monkeypatch, error):
+    def urlopen(url, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(DataError) as caught:
+        fetch(tmp_path / "out" / "f.csv", "http://example.invalid/f.csv", "", "sha256", None, "set DATA_MIRROR")
+    assert str(caught.value).startswith("could not get f.csv. Tried:\n  - download http://example.invalid/f.csv: ")
+    assert _files(tmp_path / "out") == []
