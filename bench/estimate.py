@@ -163,7 +163,7 @@ def mlp_estimate(stage: str, params, n_steps: int) -> tuple[float, str]:
 
 
 def other_estimate(stage: str, params) -> tuple[float, str]:
-    if stage == "download_pathmnist":
+    if stage == "download_images":
         images = params.data.images
         if images.source == "synthetic":
             n = image_counts(params)

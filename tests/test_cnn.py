@@ -257,7 +257,7 @@ def test_stage_refuses_images_too_small_for_densenet_before_training(tmp_path):
     params = small_params()
     params["data"]["images"]["size"] = 16
     repo = make_repo_copy(tmp_path, params)
-    run(["python", "-m", "stages.download_pathmnist"], repo)
+    run(["python", "-m", "stages.download_images"], repo)
     result = run(["python", "-m", "stages.cnn", "densenet121"], repo, check=False)
     assert result.returncode == 2 and "densenet121 needs images of at least 32 px" in result.stderr
     assert "Traceback" not in result.stderr and not (repo / ".dvc/tmp/checkpoints").exists()

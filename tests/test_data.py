@@ -99,7 +99,7 @@ def test_pathmnist_download_offline_names_both_ways_out(tmp_path):
     params["data"]["images"]["source"] = "medmnist"
     params["data"]["images"]["size"] = 64
     repo = make_repo_copy(tmp_path, params)
-    result = run(["python", "-m", "stages.download_pathmnist"], repo, check=False, timeout=120, DATA_MIRROR="")
+    result = run(["python", "-m", "stages.download_images"], repo, check=False, timeout=120, DATA_MIRROR="")
     assert result.returncode == 2, result.stderr
     assert "pathmnist_64.npz" in result.stderr and "synthetic" in result.stderr and "DATA_MIRROR" in result.stderr
     assert not list((repo / "data/raw").glob("*"))

@@ -57,7 +57,7 @@ def ddp_repo(tmp_path_factory):
     params["data"]["images"].update(size=16, synthetic_train=64, synthetic_val=27, synthetic_test=27)
     params["cnn"]["defaults"].update(epochs=1, batch_size=16, max_steps_per_epoch=2, log_every=1000)
     repo = make_repo_copy(tmp_path_factory.mktemp("ddp"), params)
-    run(["python", "-m", "stages.download_pathmnist"], repo)
+    run(["python", "-m", "stages.download_images"], repo)
     return repo
 
 

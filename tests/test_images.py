@@ -212,20 +212,20 @@ def test_download_stage_copies_a_user_file_and_makes_synthetic_multilabel_sets(t
     params = small_params()
     params["data"]["images"].update(name="digits", source="file", size=28, path=str(digits))
     repo = make_repo_copy(tmp_path / "repo", params)
-    out = run(["python", "-m", "stages.download_pathmnist"], repo, timeout=300).stdout
+    out = run(["python", "-m", "stages.download_images"], repo, timeout=300).stdout
     data = images.load(repo / "data/raw/digits_28.npz")
     assert (data.name, data.task, data.source, data.channels, data.n_classes) == ("digits", "multi-class", "file", 1, 10)
     assert "digits_28.npz: digits" in out and "1 channel(s), 10 outputs" in out
 
     params["data"]["images"].update(name="chestmnist", source="synthetic", size=32, path="")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["python", "-m", "stages.download_pathmnist"], repo, timeout=300)
+    run(["python", "-m", "stages.download_images"], repo, timeout=300)
     data = images.load(repo / "data/raw/chestmnist_32.npz")
     assert (data.task, data.channels, data.n_classes, data.source) == (tasks.MULTI_LABEL, 1, 14, "synthetic")
 
     params["data"]["images"].update(name="digits", source="file", size=32, path="nowhere.npz")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run(["python", "-m", "stages.download_pathmnist"], repo, check=False, timeout=300)
+    result = run(["python", "-m", "stages.download_images"], repo, check=False, timeout=300)
     assert result.returncode == 2 and "data.images.path nowhere.npz: no such file" in result.stderr
 
 
@@ -273,7 +273,7 @@ def test_cnn_stage_on_a_multilabel_grayscale_set_names_it_and_summarises_per_lab
                                     synthetic_val=32, synthetic_test=32)
     params["cnn"]["defaults"].update(max_steps_per_epoch=2)
     repo = make_repo_copy(tmp_path / "repo", params)
-    run(["python", "-m", "stages.download_pathmnist"], repo)
+    run(["python", "-m", "stages.download_images"], repo)
     out = run(["python", "-m", "stages.cnn", "resnet18"], repo, timeout=600).stdout
     assert "data ChestMNIST 32px (synthetic)" in out
     metrics = json.loads((repo / "metrics/cnn/resnet18.json").read_text())

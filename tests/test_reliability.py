@@ -76,7 +76,7 @@ PARAM_USERS = [
     ("cnn.ablations.hflip.lr", 0.002, {"ablation", "report"}),
     ("features.channel", 1, {"features"}),
     ("report.allow_missing", True, {"report"}),
-    ("data.images.synthetic_val", 63, {"download_pathmnist"}),
+    ("data.images.synthetic_val", 63, {"download_images"}),
     ("base.seed", 7, {"backprop", "mlp", "cnn", "ablation"}),
 ]
 
@@ -106,7 +106,7 @@ def data_repo(tmp_path_factory, local_densenet_weights):
     params["cnn"]["defaults"].update(epochs=2)
     repo = make_repo_copy(tmp_path_factory.mktemp("data_repo"), params)
     run([sys.executable, "-m", "stages.download_ett"], repo)
-    run([sys.executable, "-m", "stages.download_pathmnist"], repo)
+    run([sys.executable, "-m", "stages.download_images"], repo)
     return repo
 
 

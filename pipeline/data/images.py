@@ -170,14 +170,14 @@ def load(path: Path, name: str | None = None, task: str | None = None, source: s
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path} not found: run `dvc repro download_pathmnist` first (it fetches or "
+        raise DataError(f"{path} not found: run `dvc repro download_images` first (it fetches or "
                         "copies the image set named by data.images)")
     try:
         npz = np.load(path)
         keys = set(npz.files)
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable npz ({error}). Delete it and re-run "
-                        "`dvc repro download_pathmnist`.") from None
+                        "`dvc repro download_images`.") from None
     expected = {f"{s}_{k}" for s in SPLITS for k in ("images", "labels")}
     if not expected <= keys:
         raise DataError(f"{path}: missing keys {sorted(expected - keys)} (has {sorted(keys)}); "

@@ -373,7 +373,7 @@ def _refused(tmp_path, arrays, match, task="multi-class", name="mine"):
 
 
 def test_load_refuses_a_missing_or_unreadable_file(tmp_path):
-    with pytest.raises(DataError, match="not found: run `dvc repro download_pathmnist`"):
+    with pytest.raises(DataError, match="not found: run `dvc repro download_images`"):
         images.load(tmp_path / "absent.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a readable npz"):

@@ -1,4 +1,4 @@
-"""Stage download_pathmnist (the name stays; it fetches any image set): data/raw/<name>_<size>.npz,
+"""Stage download_images: data/raw/<name>_<size>.npz,
 the set named by data.images, from MedMNIST (mirror or download, MD5-checked), from the user's own
 npz (`source: file`, validated and copied in with its name and task), or generated (`synthetic`,
 shaped like the named MedMNIST set and marked as such inside the file)."""
