@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -76,7 +77,13 @@ def _imagenet_state_dict(name: str, weights_file: str, weights_sha256: str) -> d
         return state
     weights = getattr(torchvision.models, IMAGENET_WEIGHTS[name]).IMAGENET1K_V1
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        # weights_only: a file already in the hub cache is not hash-checked, so it must not unpickle code
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+        raise ModelError(f"refusing the ImageNet weights for {name} in the torch hub cache ({cached}): the file "
+                         f"holds more than tensors ({str(error).splitlines()[0]}). Delete it (it is downloaded "
+                         "again), or set cnn weights_file (or $FINETUNE_WEIGHTS) to a state dict you trust.") from None
     except Exception as error:  # noqa: BLE001 - URLError, hash mismatch, ...
         raise ModelError(
             f"could not get ImageNet weights for {name} ({type(error).__name__}: {error}). Offline, save "

@@ -264,7 +264,8 @@ def test_pretrained_without_a_file_builds_from_torchvisions_download_with_its_ha
     state = resnet_ref.state_dict()
     calls = _fake_download(monkeypatch, state)
     model = cnn.build("resnet18", 6, pretrained=True)
-    assert calls == [(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, (), {"progress": False, "check_hash": True})]
+    assert calls == [(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, (), {"progress": False, "check_hash": True,
+                                                                               "weights_only": True})]
     assert torch.equal(model.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
     assert model.fc.out_features == 6
 
@@ -360,3 +361,28 @@ def test_resize_batch_at_the_same_size_returns_the_batch_itself_and_resizes_non_
         out = cnn.resize_batch(batch, 8)
         assert out.shape == (1, 1, 8, 8)
         assert np.allclose(out.numpy(), _bilinear_reference(batch.numpy(), 8, 8), rtol=1e-5, atol=1e-5)
+
+
+class _RunsCode:
+    """Unpickling this (weights_only=False) would create the marker file: arbitrary code execution."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_pickle_in_the_torch_hub_cache_is_refused_and_nothing_executes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")   # even where the environment turns it off
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "densenet121-a639ec97.pth"
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "executed"
+    torch.save({"features.conv0.weight": _RunsCode(marker)}, cached)
+    with pytest.raises(cnn.ModelError) as caught:
+        cnn.build("densenet121", 9, pretrained=True)
+    assert not marker.exists()
+    message = str(caught.value)
+    assert message.startswith(f"refusing the ImageNet weights for densenet121 in the torch hub cache ({cached})")
+    assert "Delete it" in message and "$FINETUNE_WEIGHTS" in message
