@@ -3,15 +3,13 @@ the set named by data.images, from MedMNIST (mirror or download, MD5-checked), f
 npz (`source: file`, validated and copied in with its name and task), or generated (`synthetic`,
 shaped like the named MedMNIST set and marked as such inside the file)."""
 
-from pathlib import Path
-
 import numpy as np
 
 from pipeline import params as P
 from pipeline.data import images
 from pipeline.data.fetch import mirror_dir
 from pipeline.errors import DataError
-from pipeline.paths import images_npz
+from pipeline.paths import images_npz, user_path
 from pipeline.runtime import run_stage
 
 
@@ -20,9 +18,9 @@ def copy_user_file(data, dest) -> str:
     if not data.path:
         raise DataError("data.images.source is 'file' but data.images.path is empty; set it to your npz "
                         "in the MedMNIST layout (train/val/test _images and _labels)")
-    src = Path(data.path).expanduser()   # a relative path is from the repository root, where stages run
+    src = user_path(data.path)
     if not src.is_file():
-        raise DataError(f"data.images.path {data.path}: no such file (a relative path is read from the "
+        raise DataError(f"data.images.path {data.path}: no such file {src} (a relative path is read from the "
                         "repository root)")
     task = images.check_task(data.task) if data.task else images.default_task(data.name)
     loaded = images.load(src, name=data.name, task=task, source="file")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import progress
 from pipeline.errors import DataError
+from pipeline.paths import user_path
 
 NETWORK_TIMEOUT_S = 15
 CHUNK = 1 << 20
@@ -37,9 +38,10 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 
 def mirror_dir(param_value: str) -> Path | None:
-    """The mirror folder: $DATA_MIRROR if set, else the `data.mirror_dir` param, else none."""
+    """The mirror folder: $DATA_MIRROR if set, else the `data.mirror_dir` param, else none; a relative
+    one is read from the user's repository (also in a queued run's temporary copy)."""
     value = os.environ.get("DATA_MIRROR") or param_value
-    return Path(value).expanduser() if value else None
+    return user_path(value) if value else None
 
 
 def _verify(path: Path, expected: str, algorithm: str, origin: str, way_out: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch.nn import functional as F
 from pipeline.data.fetch import file_digest
 from pipeline.errors import StageError
 from pipeline.params import CNN_MODELS
+from pipeline.paths import weights_path
 
 # Smallest input each network runs on (DenseNet121's pooling needs 32 px).
 MIN_SIZE = {"resnet18": 16, "densenet121": 32}
@@ -60,12 +60,17 @@ def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
+def hub_file(name: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of `name` once downloaded (the torch hub cache)."""
+    url = getattr(torchvision.models, IMAGENET_WEIGHTS[name]).IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
 def _imagenet_state_dict(name: str, weights_file: str, weights_sha256: str) -> dict:
     """ImageNet weights: a local file (param or $FINETUNE_WEIGHTS), else torchvision's download
     (which uses the torch hub cache when the file is already there)."""
-    path = os.environ.get("FINETUNE_WEIGHTS") or weights_file
+    path = weights_path(weights_file)
     if path:
-        path = Path(path).expanduser()
         if not path.exists():
             raise ModelError(f"weights file {path} (cnn weights_file / $FINETUNE_WEIGHTS) does not exist")
         if weights_sha256 and file_digest(path) != weights_sha256:
@@ -80,8 +85,7 @@ def _imagenet_state_dict(name: str, weights_file: str, weights_sha256: str) -> d
         # weights_only: a file already in the hub cache is not hash-checked, so it must not unpickle code
         return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except pickle.UnpicklingError as error:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
-        raise ModelError(f"refusing the ImageNet weights for {name} in the torch hub cache ({cached}): the file "
+        raise ModelError(f"refusing the ImageNet weights for {name} in the torch hub cache ({hub_file(name)}): the file "
                          f"holds more than tensors ({str(error).splitlines()[0]}). Delete it (it is downloaded "
                          "again), or set cnn weights_file (or $FINETUNE_WEIGHTS) to a state dict you trust.") from None
     except Exception as error:  # noqa: BLE001 - URLError, hash mismatch, ...
