@@ -69,10 +69,11 @@ class ImageData:
     path: Str = ""            # source=file: an npz in the MedMNIST layout
     task: Literal[("", *MEDMNIST_TASKS)] = ""  # source=file: the MedMNIST task ("" = multi-class)
     # The synthetic generator's own seed and split sizes (ignored for real data).
-    synthetic_seed: Int = Field(2023, ge=0)
-    synthetic_train: Int = Field(4000, ge=9)  # at least one image per class
-    synthetic_val: Int = Field(800, ge=9)
-    synthetic_test: Int = Field(800, ge=9)
+    synthetic_seed: Int = Field(2023, ge=0, le=2**32 - 1)
+    # At least one image per class; at most a million (MedMNIST's largest split is 165,466 images).
+    synthetic_train: Int = Field(4000, ge=9, le=1_000_000)
+    synthetic_val: Int = Field(800, ge=9, le=1_000_000)
+    synthetic_test: Int = Field(800, ge=9, le=1_000_000)
 
     @field_validator("name", "size", "path")
     @classmethod

@@ -24,6 +24,7 @@ def copy_user_file(data, dest) -> str:
                         "repository root)")
     task = images.check_task(data.task) if data.task else images.default_task(data.name)
     loaded = images.load(src, name=data.name, task=task, source="file")
+    images.check_size(src, loaded.size)
     if loaded.size != data.size:
         raise DataError(f"{data.path} holds {loaded.size} px images but data.images.size is {data.size}; "
                         f"set `data.images.size: {loaded.size}`")

@@ -12,6 +12,7 @@ carries `source`, `name` and `task` entries; a MedMNIST file is kept byte for by
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from pipeline.outputs import atomic_path
 from pipeline.params import MEDMNIST_TASKS
 
 SPLITS = ("train", "val", "test")
+MIN_SIZE = 8          # px; the models need more (resnet18 16, densenet121 32) unless cnn upsample_to enlarges
+MAX_CLASSES = 1000    # a label above this is a mistake (e.g. raw ids), not a 100000-way head
 MULTI_LABEL = "multi-label, binary-class"
 BINARY = "binary-class"
 
@@ -172,12 +175,16 @@ def load(path: Path, name: str | None = None, task: str | None = None, source: s
     if not path.exists():
         raise DataError(f"{path} not found: run `dvc repro download_images` first (it fetches or "
                         "copies the image set named by data.images)")
+    remake = ("save it with numpy.savez(path, train_images=..., train_labels=..., ...) "
+              "(or delete it and re-run `dvc repro download_images`)")
+    if not zipfile.is_zipfile(path):   # a .npy renamed .npz, a text file, a truncated download
+        raise DataError(f"{path}: not an npz archive (an .npz is a zip of .npy arrays; this file is not a zip: "
+                        f"a renamed .npy, a text file or a cut-off copy?); {remake}")
     try:
-        npz = np.load(path)
+        npz = np.load(path)   # allow_pickle=False: object arrays (pickled Python objects) are never loaded
         keys = set(npz.files)
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: not a readable npz ({error}). Delete it and re-run "
-                        "`dvc repro download_images`.") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: not a readable npz ({error}); {remake}") from None
     expected = {f"{s}_{k}" for s in SPLITS for k in ("images", "labels")}
     if not expected <= keys:
         raise DataError(f"{path}: missing keys {sorted(expected - keys)} (has {sorted(keys)}); "
@@ -188,7 +195,12 @@ def load(path: Path, name: str | None = None, task: str | None = None, source: s
     source = source or (str(npz["source"]) if "source" in keys else "medmnist")
     images, labels = {}, {}
     for split in SPLITS:
-        x, y = npz[f"{split}_images"], npz[f"{split}_labels"]
+        try:
+            x, y = npz[f"{split}_images"], npz[f"{split}_labels"]
+        except ValueError:   # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+            raise DataError(f"{path}: {split}_images or {split}_labels is an object array (pickled Python "
+                            "objects, which are never loaded); store plain arrays: uint8 images and integer "
+                            f"labels, e.g. numpy.asarray(images, dtype=numpy.uint8); {remake}") from None
         if x.ndim == 3:   # MedMNIST stores grayscale sets without a channel axis
             x = x[..., None]
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3) or x.shape[1] != x.shape[2]:
@@ -211,6 +223,10 @@ def load(path: Path, name: str | None = None, task: str | None = None, source: s
                             "multi-label set")
         if y.min() < 0:
             raise DataError(f"{path}: {split}_labels has negative values; classes are numbered 0, 1, ...")
+        if y.max() >= MAX_CLASSES:
+            raise DataError(f"{path}: {split}_labels has the value {int(y.max())}; classes are numbered 0, 1, ... "
+                            f"below {MAX_CLASSES} (renumber raw ids to 0..K-1)")
+
         images[split], labels[split] = x, y.astype(np.int64)
     shapes = {x.shape[1:] for x in images.values()}
     if len(shapes) != 1:
@@ -218,11 +234,19 @@ def load(path: Path, name: str | None = None, task: str | None = None, source: s
     widths = {y.shape[1] for y in labels.values()}
     if len(widths) != 1:
         raise DataError(f"{path}: the splits have different numbers of labels {sorted(widths)}")
-    n_classes = _n_classes(path, name, task, labels)
+    n_classes = _n_classes(path, name, task, labels, source)
     return ImageSet(images, labels, n_classes, shapes.pop()[0], source, name, task)
 
 
-def _n_classes(path: Path, name: str, task: str, labels: dict[str, np.ndarray]) -> int:
+def check_size(path: Path, size: int) -> None:
+    """The smallest images the pipeline takes (the same floor as data.images.size), with the models' needs."""
+    if size < MIN_SIZE:
+        raise DataError(f"{path}: the images are {size} px; the minimum is {MIN_SIZE} px (data.images.size >= "
+                        f"{MIN_SIZE}; resnet18 needs 16 and densenet121 32 unless cnn.defaults.upsample_to "
+                        "enlarges them); resize the images")
+
+
+def _n_classes(path: Path, name: str, task: str, labels: dict[str, np.ndarray], source: str = "medmnist") -> int:
     """Outputs of the network: the `medmnist` table's count for a MedMNIST flag, else from the labels."""
     from medmnist import INFO
 
@@ -238,8 +262,13 @@ def _n_classes(path: Path, name: str, task: str, labels: dict[str, np.ndarray]) 
         n = top + 1
     if name in INFO:
         expected = len(INFO[name]["label"])
+        kind = "labels" if task == MULTI_LABEL else "classes"
+        if source == "file" and n != expected:   # the default name (pathmnist) on a user's file: never 9-way
+            raise DataError(f"{path}: the file has {n} {kind} but data.images.name is {name!r}, whose medmnist "
+                            f"table entry has {expected}; give your set its own name "
+                            "(-S data.images.name=my_images), its classes then come from the file")
         if n > expected or (task == MULTI_LABEL and n != expected):
-            raise DataError(f"{path}: {name} has {expected} {'labels' if task == MULTI_LABEL else 'classes'} "
+            raise DataError(f"{path}: {name} has {expected} {kind} "
                             f"in the medmnist table, the file has {n}; is data.images.name right?")
         n = expected
     if n < 2:

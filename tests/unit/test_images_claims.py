@@ -312,8 +312,10 @@ def test_load_takes_name_task_and_source_from_the_arguments_then_the_file_then_t
 
 def test_a_medmnist_name_takes_its_class_count_from_the_table(tmp_path):
     arrays = _layout()   # labels 0..2 only
-    data = images.load(_write(tmp_path, arrays), name="octmnist", source="file")
+    data = images.load(_write(tmp_path, arrays), name="octmnist")   # a MedMNIST file lacking a class
     assert (data.task, data.n_classes) == ("multi-class", 4)
+    with pytest.raises(DataError, match="the file has 3 classes but data.images.name is 'octmnist'"):
+        images.load(_write(tmp_path, arrays), name="octmnist", source="file")   # the user's own: never padded
     with pytest.raises(DataError, match="breastmnist has 2 classes in the medmnist table, the file has 3"):
         images.load(_write(tmp_path, arrays), name="breastmnist", task="multi-class")
 
@@ -376,7 +378,7 @@ def test_load_refuses_a_missing_or_unreadable_file(tmp_path):
     with pytest.raises(DataError, match="not found: run `dvc repro download_images`"):
         images.load(tmp_path / "absent.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="not a readable npz"):
+    with pytest.raises(DataError, match="not an npz archive"):
         images.load(tmp_path / "junk.npz")
 
 
@@ -457,3 +459,64 @@ def test_a_split_of_one_image_is_enough(tmp_path):
     arrays = _layout(n=(6, 1, 1))
     data = images.load(_write(tmp_path, arrays), name="mine", task="multi-class")
     assert data.images["val"].shape == (1, 5, 5, 1) and data.labels["test"].shape == (1, 1)
+
+
+# ---------------------------------------------------------------- files that are not what they claim (18.10-18.12)
+
+def _user_arrays(n_classes=2, size=16):
+    rng = np.random.default_rng(0)
+    return {f"{s}_{k}": (rng.integers(0, 256, (6, size, size, 3), dtype=np.uint8) if k == "images"
+                         else (np.arange(6) % n_classes).astype(np.uint8)[:, None])
+            for s in images.SPLITS for k in ("images", "labels")}
+
+
+def test_a_two_class_file_under_the_default_pathmnist_name_is_refused_not_made_9_way(tmp_path):
+    np.savez(tmp_path / "mine.npz", **_user_arrays(2))
+    with pytest.raises(DataError, match=r"the file has 2 classes but data.images.name is 'pathmnist', whose "
+                                        r"medmnist table entry has 9; give your set its own name"):
+        images.load(tmp_path / "mine.npz", name="pathmnist", task="multi-class", source="file")
+    assert images.load(tmp_path / "mine.npz", name="mine", source="file").n_classes == 2
+
+
+def test_an_object_array_npz_is_one_clear_message_and_never_unpickled(tmp_path):
+    arrays = _user_arrays()
+    arrays["train_labels"] = np.array([[1], "two", None] * 2, dtype=object)
+    np.savez(tmp_path / "obj.npz", **arrays)
+    with pytest.raises(DataError, match=r"train_images or train_labels is an object array .* never loaded"):
+        images.load(tmp_path / "obj.npz", name="mine", source="file")
+
+
+@pytest.mark.parametrize("kind", ["npy", "text", "cut"])
+def test_a_file_that_is_not_an_npz_archive_says_so(tmp_path, kind):
+    path = tmp_path / "mine.npz"
+    if kind == "npy":
+        np.save(tmp_path / "a.npy", np.zeros((3, 8, 8), np.uint8))
+        (tmp_path / "a.npy").rename(path)
+    elif kind == "text":
+        path.write_text("train_images,train_labels\n1,2\n")
+    else:
+        np.savez(tmp_path / "full.npz", **_user_arrays())
+        path.write_bytes((tmp_path / "full.npz").read_bytes()[:200])
+    with pytest.raises(DataError, match=r"not an npz archive .*numpy.savez"):
+        images.load(path, name="mine", source="file")
+
+
+def test_images_below_the_minimum_size_name_it_and_the_models_needs(tmp_path):
+    from types import SimpleNamespace
+
+    from stages.download_images import copy_user_file
+
+    np.savez(tmp_path / "tiny.npz", **_user_arrays(2, size=4))
+    data = SimpleNamespace(path=str(tmp_path / "tiny.npz"), task="", name="mine", size=8)
+    with pytest.raises(DataError, match=r"images are 4 px; the minimum is 8 px .*resnet18 needs 16 and densenet121 "
+                                        r"32 unless cnn.defaults.upsample_to"):
+        copy_user_file(data, tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_label_beyond_any_sensible_class_count_is_refused(tmp_path):
+    arrays = _user_arrays()
+    arrays["test_labels"] = np.array([[0], [1], [0], [1], [0], [123456]], np.int64)
+    np.savez(tmp_path / "ids.npz", **arrays)
+    with pytest.raises(DataError, match=r"test_labels has the value 123456; .* below 1000"):
+        images.load(tmp_path / "ids.npz", name="mine", source="file")
