@@ -43,7 +43,7 @@ def user_path(value: str) -> Path:
     """A path the user gave (a param or an environment variable): `~` expanded, and a relative one
     read from the user's repository, also in a queued run's temporary copy (.dvc/tmp/exps/...)."""
     path = Path(value).expanduser()
-    return path if path.is_absolute() else main_repo_root() / path
+    return path if path.is_absolute() else main_repo_root(REPO_ROOT) / path
 
 
 def weights_path(param_value: str) -> Path | None:

@@ -357,3 +357,16 @@ def test_every_http_client_error_becomes_the_one_clear_message(tmp_path, monkeyp
         fetch(tmp_path / "out" / "f.csv", "http://example.invalid/f.csv", "", "sha256", None, "set DATA_MIRROR")
     assert str(caught.value).startswith("could not get f.csv. Tried:\n  - download http://example.invalid/f.csv: ")
     assert _files(tmp_path / "out") == []
+
+
+def test_a_relative_mirror_is_read_from_the_users_repository_also_in_a_queued_runs_copy(monkeypatch, tmp_path):
+    """Queued runs work in <repo>/.dvc/tmp/exps/tmpXXXX/: a relative DATA_MIRROR means <repo>/<it> (18.7)."""
+    from pipeline import paths
+
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12")
+    monkeypatch.setenv("DATA_MIRROR", "../shared/data")
+    assert mirror_dir("") == tmp_path / "repo" / ".." / "shared" / "data"
+    monkeypatch.delenv("DATA_MIRROR")
+    assert mirror_dir("my_data") == tmp_path / "repo" / "my_data"
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "plain")
+    assert mirror_dir("my_data") == tmp_path / "plain" / "my_data"
