@@ -14,6 +14,8 @@ import torchvision
 from conftest import SHARED_DATA, dvc, make_repo_copy, small_params
 from pipeline.data import ett, images
 
+pytestmark = pytest.mark.slow   # about 30 min on a loaded 2-core machine (five small trainings)
+
 RAN = {"inputs", "download_ett", "download_images", "backprop", "cnn@resnet18", "cnn@finetune"}
 
 
