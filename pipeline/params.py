@@ -166,7 +166,6 @@ class Cnn:
     select_by: Literal["auc", "acc"] = "auc"
     log_every: Int = Field(100, ge=1)  # iterations between train-loss / validation logs
     max_steps_per_epoch: Int = Field(0, ge=0)  # 0 = the whole split (a cap for smoke runs)
-    resume: Bool = False      # continue from the epoch checkpoint of an interrupted run (same config)
 
     @field_validator("upsample_to")
     @classmethod

@@ -182,18 +182,19 @@ def test_changed_code_does_not_resume_an_old_checkpoint_and_a_final_one_keeps_th
     code = tmp_path / "stage.py"
     code.write_text("x = 1\n")
 
-    def run(cfg):
+    def run(cfg, resume=False):
         torch.manual_seed(0)
         model = cnn.build("resnet18", 9)
         return cnn_loop.train(model, cnn_loop.to_device(data, torch.device("cpu")), cfg, seed=0,
-                              log=lambda m, s: None, checkpoint_dir=tmp_path / "ckpt", code_files=[code])
+                              log=lambda m, s: None, checkpoint_dir=tmp_path / "ckpt", code_files=[code],
+                              resume=resume)
 
     first = run(cfg)
     assert first.checkpoint.exists() and [r["step"] for r in first.curve] == [2, 3]
-    resumed = run(replace(cfg, resume=True))            # from the final checkpoint: nothing left to train
+    resumed = run(cfg, resume=True)            # from the final checkpoint: nothing left to train
     assert resumed.resumed_from == 1 and resumed.curve == first.curve and resumed.best_val == first.best_val
     code.write_text("x = 2\n")                          # e.g. a fixed augment.py
-    fresh = run(replace(cfg, resume=True))
+    fresh = run(cfg, resume=True)
     assert fresh.resumed_from == 0 and fresh.checkpoint != first.checkpoint
     assert fresh.curve == first.curve                    # trained again, same result
 
@@ -203,11 +204,11 @@ def test_resumed_run_ends_with_the_same_metrics(tmp_path):
     cfg = Cnn(model="resnet18", epochs=2, batch_size=32, log_every=2, eval_batch_size=256, augment=["hflip"])
     device = torch.device("cpu")
 
-    def run(cfg, checkpoint, log=lambda m, s: None):
+    def run(cfg, checkpoint, log=lambda m, s: None, resume=False):
         torch.manual_seed(0)
         model = cnn.build("resnet18", 9)
         result = cnn_loop.train(model, cnn_loop.to_device(data, device), cfg, seed=0, log=log,
-                                checkpoint_dir=checkpoint)
+                                checkpoint_dir=checkpoint, resume=resume)
         return result, cnn_loop.evaluate(model, cnn_loop.to_device(data, device)["test"], 256)[0]
 
     straight, straight_test = run(cfg, tmp_path / "a")
@@ -218,7 +219,7 @@ def test_resumed_run_ends_with_the_same_metrics(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "b", interrupt_in_epoch_2)
-    resumed, resumed_test = run(replace(cfg, resume=True), tmp_path / "b")
+    resumed, resumed_test = run(cfg, tmp_path / "b", resume=True)
     assert resumed.resumed_from == 1
     assert resumed_test == straight_test
     assert resumed.best_val == straight.best_val
