@@ -262,3 +262,72 @@ def test_stage_refuses_images_too_small_for_densenet_before_training(tmp_path):
     result = run(["python", "-m", "stages.cnn", "densenet121"], repo, check=False)
     assert result.returncode == 2 and "densenet121 needs images of at least 32 px" in result.stderr
     assert "Traceback" not in result.stderr and not (repo / ".dvc/tmp/checkpoints").exists()
+
+
+def _strict_json(path: Path):
+    """Standard JSON only: NaN, Infinity or -Infinity in the file fail here."""
+    import json
+
+    def refuse(name):
+        raise AssertionError(f"{path}: {name} is not standard JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _runs(repo: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("part3-classification")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_a_resumed_stage_run_carries_the_whole_curve_and_a_resumed_from_tag(tmp_path):
+    from conftest import make_repo_copy, run, small_params
+
+    params = small_params()
+    params["cnn"]["defaults"].update(epochs=2)
+    repo = make_repo_copy(tmp_path, params)
+    run(["python", "-m", "stages.download_pathmnist"], repo)
+    (repo / "models/cnn/resnet18.pt").mkdir(parents=True)   # the model write fails after all the training
+    failed = run(["python", "-m", "stages.cnn", "resnet18"], repo, check=False)
+    assert failed.returncode != 0
+    (repo / "models/cnn/resnet18.pt").rmdir()
+    checkpoints = repo / ".dvc/tmp/checkpoints/resnet18"
+    (left,) = checkpoints.glob("*.pt")
+    resumed = run(["python", "-m", "stages.cnn", "resnet18"], repo, PIPELINE_RESUME="1")
+    assert f"resuming from {left} after epoch 2" in resumed.stdout
+    client, (first, second) = _runs(repo)
+    assert first.info.status == "FAILED" and second.info.status == "FINISHED"
+    assert second.data.tags["resumed_from"] == "2" and "resumed_from" not in first.data.tags
+    for key in ("train_loss", "val_auc", "epoch_val_auc", "lr"):
+        history = [[(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)] for r in (first, second)]
+        assert history[0] and history[1] == history[0], key
+    assert not list(checkpoints.iterdir())   # removed on success, no temp files either
+    # The environment variable is not a param: params.yaml and the stage's params are untouched.
+    assert "resume" not in (repo / "params.yaml").read_text()
+
+
+def test_a_split_missing_a_class_keeps_a_model_and_writes_null_not_nan(tmp_path):
+    from conftest import make_repo_copy, run, small_params
+
+    rng = np.random.default_rng(0)
+    labels = {"train": np.arange(60) % 3, "val": np.arange(24) % 2, "test": np.arange(24) % 2}   # class 2: train only
+    arrays = {}
+    for split, y in labels.items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = y.reshape(-1, 1).astype(np.int64)
+    np.savez(tmp_path / "mine.npz", **arrays)
+    params = small_params()
+    params["data"]["images"].update(source="file", path=str(tmp_path / "mine.npz"), name="mine", size=32)
+    params["cnn"]["defaults"].update(epochs=2)
+    repo = make_repo_copy(tmp_path / "repo", params)
+    run(["python", "-m", "stages.download_pathmnist"], repo)
+    result = run(["python", "-m", "stages.cnn", "resnet18"], repo)
+    assert "no epoch had a finite validation auc" in result.stdout and "Traceback" not in result.stderr
+    headline = _strict_json(repo / "metrics/cnn/resnet18.json")
+    details = _strict_json(repo / "metrics/cnn/resnet18.details.json")
+    assert headline["test_auc"] is None and 0 <= headline["test_acc"] <= 1
+    assert details["best_val_auc"] is None and details["best_epoch"] == 2
+    assert any("test_auc is null" in note for note in details["notes"])
+    assert (repo / "models/cnn/resnet18.pt").exists()

@@ -838,3 +838,85 @@ def _expected_losses_with_lrs(cfg, lrs):
         optimizer.step()
         out.append(loss.item())
     return out
+
+
+# ---- resume, pruning, NaN scores, absurd projections (issues 17.4, 18.9, 18.11, 18.13) ----------------
+
+def test_the_checkpoint_keeps_its_config_and_a_mismatch_names_the_keys_that_differ(tmp_path, capsys):
+    cfg = _cfg(epochs=3, log_every=1)
+    _interrupt_at_epoch_log(Scripted(), _splits(), cfg, tmp_path, step=2)
+    (saved,) = tmp_path.iterdir()
+    config = torch.load(saved, weights_only=True)["config"]
+    assert config == cnn_loop.run_config(cfg, 0, _splits(), "") and config["log_every"] == 1
+    capsys.readouterr()
+    _, fresh, _ = _train(replace(cfg, lr=0.2, log_every=2), checkpoint_dir=tmp_path, resume=True)
+    out = capsys.readouterr().out
+    assert fresh.resumed_from == 0 and f"the newest one, {saved}, was made with other settings" in out
+    assert "lr: 0.1 -> 0.2" in out and "log_every: 1 -> 2" in out and "epochs:" not in out
+
+
+def test_a_checkpoint_of_other_data_with_the_same_shapes_is_not_resumed(tmp_path, capsys):
+    cfg = _cfg(epochs=3)
+    _interrupt_at_epoch_log(Scripted(), _splits(), cfg, tmp_path, step=2)
+    splits = _splits()
+    splits["train"].images[0, 0, 0, 0] += 1    # one pixel of the training split
+    _, result, _ = _train(cfg, splits=splits, checkpoint_dir=tmp_path, resume=True)
+    assert result.resumed_from == 0 and "data_digest: " in capsys.readouterr().out
+
+
+def test_stale_checkpoint_files_are_pruned_at_the_start_and_live_ones_kept(tmp_path):
+    import os
+    import time
+    cfg = _cfg(epochs=1)
+    key = cnn_loop.fingerprint(cfg, 0, _splits(), "")[:16]
+    killed_write = tmp_path / f"tmp.{key}.pt.abc123.pt"            # this run's, from a killed write
+    old = tmp_path / ("0" * 16 + ".pt")                             # another fingerprint, 8 days untouched
+    old_tmp = tmp_path / f"tmp.{'1' * 16}.pt.x.pt"
+    recent = tmp_path / ("2" * 16 + ".pt")                          # another fingerprint, an hour old
+    recent_tmp = tmp_path / f"tmp.{'3' * 16}.pt.y.pt"               # maybe a live run's write
+    for path in (killed_write, old, old_tmp, recent, recent_tmp):
+        path.write_bytes(b"x")
+    for path, age in ((old, 8 * 86400), (old_tmp, 8 * 86400), (recent, 3600)):
+        os.utime(path, (time.time() - age, time.time() - age))
+    _, result, _ = _train(cfg, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, recent_tmp.name, result.checkpoint.name])
+    assert cnn_loop.PRUNE_AFTER_DAYS == 7
+
+
+def _nan_auc_splits():
+    # The validation split has no class 1: its multi-class AUC is undefined (NaN), its ACC is not.
+    splits = _splits()
+    splits["val"] = _split([0, 0, 2, 0, 0, 2])
+    return splits
+
+
+def test_nan_validation_scores_still_keep_a_best_state_the_last_epoch(capsys):
+    splits = _nan_auc_splits()
+    assert math.isnan(cnn_loop.evaluate(Scripted().eval(), splits["val"], 4)[0]["auc"])
+    model, result, _ = _train(_cfg(epochs=3, select_by="auc"), splits=splits)
+    assert result.best_epoch == 3 and int(model.steps) == 3 and result.best_state    # loaded, no error
+    out = capsys.readouterr().out
+    assert "validation auc is NaN" in out and "no epoch had a finite validation auc: kept the last epoch" in out
+
+
+def test_a_nan_score_never_beats_a_finite_one():
+    assert cnn_loop._better({"auc": 0.2}, {"auc": math.nan}, "auc")
+    assert not cnn_loop._better({"auc": math.nan}, {"auc": 0.2}, "auc")
+    assert cnn_loop._better({"auc": math.nan}, {"auc": math.nan}, "auc")   # all NaN: the later one
+    assert cnn_loop._better({"auc": math.nan}, {}, "auc")                 # the first epoch always
+    assert not cnn_loop._better({"auc": 0.2}, {"auc": 0.2}, "auc")
+
+
+def test_an_absurd_projection_is_refused_after_the_timed_steps_unless_forced(monkeypatch):
+    monkeypatch.setattr(cnn_loop, "projection", lambda *a: ("projected: 99y", 15 * 86400.0))
+    monkeypatch.delenv("PIPELINE_FORCE", raising=False)
+    model = Scripted()
+    cfg = _cfg(epochs=1, max_steps_per_epoch=0, batch_size=1)   # 8 steps: the timer projects after 7
+    with pytest.raises(StageError, match="refused: over 14 days.*PIPELINE_FORCE=1"):
+        _train(cfg, model=model)
+    assert len(model.train_inputs) < 8
+    monkeypatch.setenv("PIPELINE_FORCE", "1")
+    assert len(_train(cfg)[0].train_inputs) == 8
+    monkeypatch.setattr(cnn_loop, "projection", lambda *a: ("projected: 13d", 13 * 86400.0))
+    monkeypatch.delenv("PIPELINE_FORCE")
+    assert len(_train(cfg)[0].train_inputs) == 8
