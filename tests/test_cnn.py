@@ -331,3 +331,50 @@ def test_a_split_missing_a_class_keeps_a_model_and_writes_null_not_nan(tmp_path)
     assert details["best_val_auc"] is None and details["best_epoch"] == 2
     assert any("test_auc is null" in note for note in details["notes"])
     assert (repo / "models/cnn/resnet18.pt").exists()
+
+
+def test_resume_is_asked_by_an_environment_variable_and_a_bad_value_is_refused(monkeypatch):
+    from stages import cnn as stage
+
+    for value, wanted in (("", False), ("0", False), ("1", True), ("true", True), ("no", False)):
+        monkeypatch.setenv("PIPELINE_RESUME", value)
+        assert stage.resume_requested() is wanted
+    monkeypatch.delenv("PIPELINE_RESUME")
+    assert stage.resume_requested() is False
+    monkeypatch.setenv("PIPELINE_RESUME", "please")
+    with pytest.raises(StageError, match="PIPELINE_RESUME='please': set it to 1 to resume"):
+        stage.resume_requested()
+
+
+def test_devices_beyond_the_machine_are_refused_with_the_value_that_fits(monkeypatch):
+    import os
+
+    from stages import cnn as stage
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    stage.check_devices(2)
+    with pytest.raises(StageError, match=r"devices=3 but this machine has 2 CPU core\(s\); "
+                                         r"set `-S cnn.defaults.devices=2`"):
+        stage.check_devices(3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    stage.check_devices(4)
+    with pytest.raises(StageError, match=r"has 4 GPU\(s\)"):
+        stage.check_devices(5)
+
+
+def test_undefined_scores_become_null_with_a_note():
+    import json
+
+    from stages import cnn as stage
+
+    values = {"test_auc": float("nan"), "test_acc": 0.5, "best_val_auc": float("nan"), "best_epoch": 2}
+    clean = stage.finite(values)
+    assert clean == {"test_auc": None, "test_acc": 0.5, "best_val_auc": None, "best_epoch": 2}
+    json.dumps(clean, allow_nan=False)
+    notes = stage.nan_notes(values, "auc")
+    assert notes == ["test_auc is null: undefined on the test split (a class missing from it?)",
+                     "best_val_auc is null: undefined on the validation split (a class missing from it?)",
+                     "no epoch had a finite validation auc: the last epoch's weights were kept"]
+    assert stage.nan_notes(values, "acc")[-1].startswith("best_val_auc")
