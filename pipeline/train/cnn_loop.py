@@ -290,6 +290,54 @@ def refuse_absurd(message: str, seconds: float) -> None:
                          "size (above), or set PIPELINE_FORCE=1 to run it anyway")
 
 
+@torch.no_grad()
+def activation_bytes_per_image(model: torch.nn.Module, split: DeviceSplit) -> int:
+    """Bytes of the outputs of every leaf module for one image in fp32: about what autograd keeps
+    per training image (eval mode: no state changes, no random numbers drawn)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += sum(t.numel() * 4 for t in (output if isinstance(output, (tuple, list)) else [output])
+                     if isinstance(t, torch.Tensor))
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        model(split.batch(torch.arange(1, device=split.device)))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes where training runs: the CUDA device's, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def refuse_too_big(model: torch.nn.Module, split: DeviceSplit, cfg: Cnn, world: World = SINGLE) -> None:
+    """Stop before the first step when one training batch's activations plus the weights, their
+    gradients and Adam's two moments cannot fit the memory there is, unless forced. An estimate
+    on the low side: it only refuses what cannot run."""
+    batch = -(-cfg.batch_size // world.size)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = batch * activation_bytes_per_image(model, split) + 4 * weights
+    free = available_memory(split.device)
+    if needed > free and os.environ.get("PIPELINE_FORCE", "") != "1":
+        fits = max(1, int(batch * (free - 4 * weights) / max(needed - 4 * weights, 1)))
+        raise StageError(f"cnn batch_size={cfg.batch_size} needs about {needed / 2**30:.1f} GiB on "
+                         f"{split.device.type}, which has {free / 2**30:.1f} GiB free; try `dvc exp run -S "
+                         f"cnn.defaults.batch_size={fits}` (or smaller images), or set PIPELINE_FORCE=1 to try anyway")
+
+
 def _selection_value(val: dict, key: str) -> float:
     """The validation score epochs are compared by; NaN (e.g. AUC of a split missing a class) counts as the worst."""
     value = val.get(key, math.nan)
@@ -365,6 +413,7 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             for metrics, at in state["logged"]:   # the history before the interruption, with its steps
                 record(metrics, at)
 
+    refuse_too_big(model, val_split, cfg, world)   # one validation image: eval mode, no state changes
     model.train()
     # Progress bars, the projected time and epoch lines (one process prints them under torchrun).
     timer = progress.StepTimer(steps_per_epoch, sync=torch.cuda.synchronize if device.type == "cuda" else lambda: None)

@@ -22,6 +22,7 @@ from pipeline.params import Cnn
 from pipeline import devices
 from pipeline.train import augment, cnn_loop
 from pipeline.train.cnn_loop import DeviceSplit
+from pipeline.train.distributed import SINGLE
 
 CPU = torch.device("cpu")
 VAL_LABELS = np.array([0, 1, 2, 0, 1, 2])
@@ -920,3 +921,44 @@ def test_an_absurd_projection_is_refused_after_the_timed_steps_unless_forced(mon
     monkeypatch.setattr(cnn_loop, "projection", lambda *a: ("projected: 13d", 13 * 86400.0))
     monkeypatch.delenv("PIPELINE_FORCE")
     assert len(_train(cfg)[0].train_inputs) == 8
+
+
+class _Conv(nn.Module):
+    """Two leaf modules with known output sizes: conv 3->2 channels, then a ReLU (same size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def test_activation_estimate_counts_every_leaf_output_of_one_image():
+    model = _Conv().train()
+    split = _split([0, 1, 2])                  # 4x4 images
+    assert cnn_loop.activation_bytes_per_image(model, split) == 2 * (2 * 4 * 4 * 4)   # two 2x4x4 fp32 outputs
+    assert model.training
+
+
+def test_a_batch_that_cannot_fit_the_memory_is_refused_before_the_first_step_unless_forced(monkeypatch):
+    monkeypatch.delenv("PIPELINE_FORCE", raising=False)
+    model = _Conv()
+    weights = 6 * 4
+    monkeypatch.setattr(cnn_loop, "available_memory", lambda device: 100 * 256 + 4 * weights)   # 100 images' worth
+    cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=100), SINGLE)
+    with pytest.raises(StageError, match=r"batch_size=101 needs about .* GiB on cpu.*"
+                                         r"cnn.defaults.batch_size=100`.*PIPELINE_FORCE=1"):
+        cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=101), SINGLE)
+    from pipeline.train.distributed import World
+    cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=200), World(0, 2, 0))   # 100 per process
+    monkeypatch.setenv("PIPELINE_FORCE", "1")
+    cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=101), SINGLE)
+    # In training, before any step.
+    monkeypatch.delenv("PIPELINE_FORCE")
+    monkeypatch.setattr(cnn_loop, "available_memory", lambda device: 0)
+    scripted = Scripted()
+    with pytest.raises(StageError, match="needs about"):
+        _train(_cfg(), model=scripted)
+    assert scripted.train_inputs == []
