@@ -46,7 +46,7 @@ MEDMNIST_SIZES = (28, 64, 128, 224)
 
 @dataclass(config=CONFIG)
 class Base:
-    seed: Int = Field(2023, ge=0)
+    seed: Int = Field(2023, ge=0, le=2**32 - 1)   # numpy's seeds are 32-bit
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -151,23 +151,24 @@ class Cnn:
     # download / torch hub cache. The environment variable FINETUNE_WEIGHTS overrides it.
     weights_file: Str = ""
     weights_sha256: Str = ""  # refuse a weights file with another checksum ("" = no pin)
-    epochs: Int = Field(10, ge=1)
-    batch_size: Int = Field(64, ge=1)
-    eval_batch_size: Int = Field(1024, ge=1)
-    lr: Float = Field(1e-3, gt=0)
+    # Upper bounds no one could mean to exceed (they would fail late or never end); the stage
+    # also checks devices against the machine and refuses an absurd projected time.
+    epochs: Int = Field(10, ge=1, le=10_000)
+    batch_size: Int = Field(64, ge=1, le=65_536)
+    eval_batch_size: Int = Field(1024, ge=1, le=65_536)
+    lr: Float = Field(1e-3, gt=0, le=10)
     weight_decay: Float = Field(0.0, ge=0)
     scheduler: Literal[SCHEDULERS] = "cosine"
-    step_size: Int = Field(3, ge=1)   # StepLR: epochs between decays
+    step_size: Int = Field(3, ge=1, le=10_000)   # StepLR: epochs between decays
     step_gamma: Float = Field(0.1, gt=0, le=1)
     augment: list[Literal[AUGMENTATIONS]] = Field(default_factory=list)
     rotation_degrees: Float = Field(15.0, ge=0, le=180)
     rotation_interpolation: Literal["nearest", "bilinear"] = "nearest"
-    upsample_to: Int = Field(0, ge=0)  # 0 = refuse images below the model's minimum; N = resize on the device to N px
-    devices: Int = Field(1, ge=1)      # processes for torchrun/DDP (1 = the single-process path)
+    upsample_to: Int = Field(0, ge=0, le=1024)  # 0 = refuse images below the model's minimum; N = resize on the device to N px
+    devices: Int = Field(1, ge=1, le=1024)      # processes for torchrun/DDP (1 = the single-process path)
     select_by: Literal["auc", "acc"] = "auc"
     log_every: Int = Field(100, ge=1)  # iterations between train-loss / validation logs
-    max_steps_per_epoch: Int = Field(0, ge=0)  # 0 = the whole split (a cap for smoke runs)
-    resume: Bool = False      # continue from the epoch checkpoint of an interrupted run (same config)
+    max_steps_per_epoch: Int = Field(0, ge=0, le=10**9)  # 0 = the whole split (a cap for smoke runs)
 
     @field_validator("upsample_to")
     @classmethod
@@ -179,8 +180,8 @@ class Cnn:
 
 @dataclass(config=CONFIG)
 class Features:
-    image_index: Int = Field(0, ge=0)  # which test image
-    channel: Int = Field(0, ge=0)      # which channel of each stage's feature map
+    image_index: Int = Field(0, ge=0, le=10_000_000)  # which test image (the stage checks the split's size)
+    channel: Int = Field(0, ge=0, le=4095)            # which channel of each stage's feature map (checked too)
 
 
 @dataclass(config=CONFIG)

@@ -7,6 +7,7 @@ stays the same); rank 0 alone logs to MLflow and writes the outputs."""
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ from pipeline.models import cnn
 from pipeline.outputs import atomic_path, write_csv, write_json
 from pipeline.paths import METRICS, MODELS, images_npz, main_repo_root
 from pipeline.runtime import run_stage, seed_everything
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, tracking_uri
 from pipeline.train import cnn_loop, distributed, tasks
 
 # Besides the loop and augmentations: the code a checkpoint's training depends on.
@@ -35,14 +36,31 @@ def checkpoint_dir(name: str) -> Path:
     return main_repo_root() / ".dvc" / "tmp" / "checkpoints" / name
 
 
+def resume_requested() -> bool:
+    """PIPELINE_RESUME=1: continue from this run's epoch checkpoint. An environment variable, not a
+    param, so asking for it neither makes a stage stale nor changes the run-cache's key."""
+    value = os.environ.get("PIPELINE_RESUME", "").strip().lower()
+    if value not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise StageError(f"PIPELINE_RESUME={value!r}: set it to 1 to resume from the epoch checkpoint, or unset it")
+    return value in ("1", "true", "yes")
+
+
+def check_devices(devices: int) -> None:
+    """`cnn.devices` processes must fit the machine: one per GPU, or one per CPU core without CUDA."""
+    available, kind = (torch.cuda.device_count(), "GPU(s)") if torch.cuda.is_available() \
+        else (os.cpu_count() or 1, "CPU core(s)")
+    if devices > available:
+        raise StageError(f"cnn devices={devices} but this machine has {available} {kind}; "
+                         f"set `-S cnn.defaults.devices={available}` (or fewer)")
+
+
 def main(argv):
     (name,) = argv
     params = P.load()
     cfg = params.cnn_experiment(name)
+    resume_requested()   # a bad value fails here, before torchrun starts
     if cfg.devices > 1 and not distributed.under_torchrun():
-        if torch.cuda.is_available() and cfg.devices > torch.cuda.device_count():
-            raise StageError(f"cnn devices={cfg.devices} but this machine has {torch.cuda.device_count()} GPU(s); "
-                             f"set `-S cnn.defaults.devices={torch.cuda.device_count()}`")
+        check_devices(cfg.devices)
         command = distributed.torchrun_command(cfg.devices, "stages.cnn", argv)
         print(f"{name}: training on {cfg.devices} processes: {' '.join(command[1:])}", flush=True)
         os.execv(command[0], command)   # torchrun takes this process over (and its signals)
@@ -76,14 +94,21 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
         result = cnn_loop.train(model, splits, cfg, params.base.seed,
                                 tracker.metrics if tracker else (lambda metrics, step: None),
                                 checkpoint_dir=checkpoint_dir(name), data_source=data.source,
-                                code_files=CODE_FILES, world=world,
+                                code_files=CODE_FILES, world=world, resume=resume_requested(),
                                 label=f"{'ablation' if name in params.cnn.ablations else 'cnn'}@{name}")
         if not world.is_main:
             return
+        if result.resumed_from:
+            tag_resumed(tracker, result.resumed_from)
         test, scores = cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)
         metrics = {"test_auc": test["auc"], "test_acc": test["acc"]}   # the headline
         details = {"best_val_auc": result.best_val["auc"], "best_val_acc": result.best_val["acc"],
                    "best_epoch": result.best_epoch}
+        notes = nan_notes({**metrics, **details}, cfg.select_by)
+        metrics, details = finite(metrics), finite(details)
+        if notes:
+            details["notes"] = notes
+            print("\n".join(notes))
         timing = {"train_seconds": round(result.train_seconds, 2),
                   "images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1)}
         tracker.metrics({**metrics, **details, **timing})
@@ -121,6 +146,36 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
         result.checkpoint.unlink(missing_ok=True)
     print(f"{name}: test AUC {test['auc']:.4f} ACC {test['acc']:.4f} (best epoch {result.best_epoch}, "
           f"{timing['images_per_second']:.0f} images/s on {device_name}, data {source})")
+
+
+def tag_resumed(tracker: Tracker, epoch: int) -> None:
+    """Tag the run `resumed_from: <epoch>` (the history before it was re-logged by the loop).
+    Through MLflow's client on the tracker's run: Tracker has no tag call of its own yet."""
+    if not tracker.run_id or tracker.failure:
+        return
+    try:
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri()).set_tag(tracker.run_id, "resumed_from", str(epoch))
+    except Exception as error:  # noqa: BLE001 - tracking must not stop training
+        print(f"MLflow: could not tag the run resumed_from={epoch}: {type(error).__name__}", file=sys.stderr)
+
+
+def finite(values: dict) -> dict:
+    """NaN/inf -> None: JSON has no NaN, and DVC and the report read these files as standard JSON."""
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in values.items()}
+
+
+def nan_notes(values: dict, select_by: str) -> list[str]:
+    """One line per undefined score, saying why it is null and what the selection did."""
+    notes = []
+    for key, value in values.items():
+        if isinstance(value, float) and not np.isfinite(value):
+            split = "test" if key.startswith("test") else "validation"
+            notes.append(f"{key} is null: undefined on the {split} split (a class missing from it?)")
+    if not np.isfinite(values.get(f"best_val_{select_by}", 0.0)):
+        notes.append(f"no epoch had a finite validation {select_by}: the last epoch's weights were kept")
+    return notes
 
 
 def _per_label_pairs(labels: np.ndarray, predicted: np.ndarray) -> list[dict]:

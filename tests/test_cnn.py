@@ -182,18 +182,19 @@ def test_changed_code_does_not_resume_an_old_checkpoint_and_a_final_one_keeps_th
     code = tmp_path / "stage.py"
     code.write_text("x = 1\n")
 
-    def run(cfg):
+    def run(cfg, resume=False):
         torch.manual_seed(0)
         model = cnn.build("resnet18", 9)
         return cnn_loop.train(model, cnn_loop.to_device(data, torch.device("cpu")), cfg, seed=0,
-                              log=lambda m, s: None, checkpoint_dir=tmp_path / "ckpt", code_files=[code])
+                              log=lambda m, s: None, checkpoint_dir=tmp_path / "ckpt", code_files=[code],
+                              resume=resume)
 
     first = run(cfg)
     assert first.checkpoint.exists() and [r["step"] for r in first.curve] == [2, 3]
-    resumed = run(replace(cfg, resume=True))            # from the final checkpoint: nothing left to train
+    resumed = run(cfg, resume=True)            # from the final checkpoint: nothing left to train
     assert resumed.resumed_from == 1 and resumed.curve == first.curve and resumed.best_val == first.best_val
     code.write_text("x = 2\n")                          # e.g. a fixed augment.py
-    fresh = run(replace(cfg, resume=True))
+    fresh = run(cfg, resume=True)
     assert fresh.resumed_from == 0 and fresh.checkpoint != first.checkpoint
     assert fresh.curve == first.curve                    # trained again, same result
 
@@ -203,11 +204,11 @@ def test_resumed_run_ends_with_the_same_metrics(tmp_path):
     cfg = Cnn(model="resnet18", epochs=2, batch_size=32, log_every=2, eval_batch_size=256, augment=["hflip"])
     device = torch.device("cpu")
 
-    def run(cfg, checkpoint, log=lambda m, s: None):
+    def run(cfg, checkpoint, log=lambda m, s: None, resume=False):
         torch.manual_seed(0)
         model = cnn.build("resnet18", 9)
         result = cnn_loop.train(model, cnn_loop.to_device(data, device), cfg, seed=0, log=log,
-                                checkpoint_dir=checkpoint)
+                                checkpoint_dir=checkpoint, resume=resume)
         return result, cnn_loop.evaluate(model, cnn_loop.to_device(data, device)["test"], 256)[0]
 
     straight, straight_test = run(cfg, tmp_path / "a")
@@ -218,7 +219,7 @@ def test_resumed_run_ends_with_the_same_metrics(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "b", interrupt_in_epoch_2)
-    resumed, resumed_test = run(replace(cfg, resume=True), tmp_path / "b")
+    resumed, resumed_test = run(cfg, tmp_path / "b", resume=True)
     assert resumed.resumed_from == 1
     assert resumed_test == straight_test
     assert resumed.best_val == straight.best_val
@@ -261,3 +262,119 @@ def test_stage_refuses_images_too_small_for_densenet_before_training(tmp_path):
     result = run(["python", "-m", "stages.cnn", "densenet121"], repo, check=False)
     assert result.returncode == 2 and "densenet121 needs images of at least 32 px" in result.stderr
     assert "Traceback" not in result.stderr and not (repo / ".dvc/tmp/checkpoints").exists()
+
+
+def _strict_json(path: Path):
+    """Standard JSON only: NaN, Infinity or -Infinity in the file fail here."""
+    import json
+
+    def refuse(name):
+        raise AssertionError(f"{path}: {name} is not standard JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _runs(repo: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("part3-classification")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_a_resumed_stage_run_carries_the_whole_curve_and_a_resumed_from_tag(tmp_path):
+    from conftest import make_repo_copy, run, small_params
+
+    params = small_params()
+    params["cnn"]["defaults"].update(epochs=2)
+    repo = make_repo_copy(tmp_path, params)
+    run(["python", "-m", "stages.download_pathmnist"], repo)
+    (repo / "models/cnn/resnet18.pt").mkdir(parents=True)   # the model write fails after all the training
+    failed = run(["python", "-m", "stages.cnn", "resnet18"], repo, check=False)
+    assert failed.returncode != 0
+    (repo / "models/cnn/resnet18.pt").rmdir()
+    checkpoints = repo / ".dvc/tmp/checkpoints/resnet18"
+    (left,) = checkpoints.glob("*.pt")
+    resumed = run(["python", "-m", "stages.cnn", "resnet18"], repo, PIPELINE_RESUME="1")
+    assert f"resuming from {left} after epoch 2" in resumed.stdout
+    client, (first, second) = _runs(repo)
+    assert first.info.status == "FAILED" and second.info.status == "FINISHED"
+    assert second.data.tags["resumed_from"] == "2" and "resumed_from" not in first.data.tags
+    for key in ("train_loss", "val_auc", "epoch_val_auc", "lr"):
+        history = [[(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)] for r in (first, second)]
+        assert history[0] and history[1] == history[0], key
+    assert not list(checkpoints.iterdir())   # removed on success, no temp files either
+    # The environment variable is not a param: params.yaml and the stage's params are untouched.
+    assert "resume" not in (repo / "params.yaml").read_text()
+
+
+def test_a_split_missing_a_class_keeps_a_model_and_writes_null_not_nan(tmp_path):
+    from conftest import make_repo_copy, run, small_params
+
+    rng = np.random.default_rng(0)
+    labels = {"train": np.arange(60) % 3, "val": np.arange(24) % 2, "test": np.arange(24) % 2}   # class 2: train only
+    arrays = {}
+    for split, y in labels.items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = y.reshape(-1, 1).astype(np.int64)
+    np.savez(tmp_path / "mine.npz", **arrays)
+    params = small_params()
+    params["data"]["images"].update(source="file", path=str(tmp_path / "mine.npz"), name="mine", size=32)
+    params["cnn"]["defaults"].update(epochs=2)
+    repo = make_repo_copy(tmp_path / "repo", params)
+    run(["python", "-m", "stages.download_pathmnist"], repo)
+    result = run(["python", "-m", "stages.cnn", "resnet18"], repo)
+    assert "no epoch had a finite validation auc" in result.stdout and "Traceback" not in result.stderr
+    headline = _strict_json(repo / "metrics/cnn/resnet18.json")
+    details = _strict_json(repo / "metrics/cnn/resnet18.details.json")
+    assert headline["test_auc"] is None and 0 <= headline["test_acc"] <= 1
+    assert details["best_val_auc"] is None and details["best_epoch"] == 2
+    assert any("test_auc is null" in note for note in details["notes"])
+    assert (repo / "models/cnn/resnet18.pt").exists()
+
+
+def test_resume_is_asked_by_an_environment_variable_and_a_bad_value_is_refused(monkeypatch):
+    from stages import cnn as stage
+
+    for value, wanted in (("", False), ("0", False), ("1", True), ("true", True), ("no", False)):
+        monkeypatch.setenv("PIPELINE_RESUME", value)
+        assert stage.resume_requested() is wanted
+    monkeypatch.delenv("PIPELINE_RESUME")
+    assert stage.resume_requested() is False
+    monkeypatch.setenv("PIPELINE_RESUME", "please")
+    with pytest.raises(StageError, match="PIPELINE_RESUME='please': set it to 1 to resume"):
+        stage.resume_requested()
+
+
+def test_devices_beyond_the_machine_are_refused_with_the_value_that_fits(monkeypatch):
+    import os
+
+    from stages import cnn as stage
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    stage.check_devices(2)
+    with pytest.raises(StageError, match=r"devices=3 but this machine has 2 CPU core\(s\); "
+                                         r"set `-S cnn.defaults.devices=2`"):
+        stage.check_devices(3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    stage.check_devices(4)
+    with pytest.raises(StageError, match=r"has 4 GPU\(s\)"):
+        stage.check_devices(5)
+
+
+def test_undefined_scores_become_null_with_a_note():
+    import json
+
+    from stages import cnn as stage
+
+    values = {"test_auc": float("nan"), "test_acc": 0.5, "best_val_auc": float("nan"), "best_epoch": 2}
+    clean = stage.finite(values)
+    assert clean == {"test_auc": None, "test_acc": 0.5, "best_val_auc": None, "best_epoch": 2}
+    json.dumps(clean, allow_nan=False)
+    notes = stage.nan_notes(values, "auc")
+    assert notes == ["test_auc is null: undefined on the test split (a class missing from it?)",
+                     "best_val_auc is null: undefined on the validation split (a class missing from it?)",
+                     "no epoch had a finite validation auc: the last epoch's weights were kept"]
+    assert stage.nan_notes(values, "acc")[-1].startswith("best_val_auc")

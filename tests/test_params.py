@@ -213,3 +213,56 @@ def test_dvc_exp_run_with_an_exponent_sweep_value(tmp_path):
     print(f"dvc exp run download_ett: {time.monotonic() - start:.1f} s")
     assert "weight_decay: 1e-05" in (repo / "params.yaml").read_text()
     assert "Running stage 'download_ett'" in result.stdout and (repo / "data" / "raw" / "ETTh1.csv").exists()
+
+
+# The schema is the one source of defaults, and params.yaml writes each of them out: deleting a key
+# keeps the documented value. One case per section, so a mismatch names its owner's section.
+SECTIONS = {"base": P.Base, "data": P.Data, "backprop": P.Backprop, "mlp.defaults": P.Mlp, "cnn.defaults": P.Cnn,
+            "features": P.Features, "report": P.Report}
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_every_schema_default_equals_params_yaml(section):
+    from dataclasses import asdict
+
+    schema = asdict(P._validate(SECTIONS[section], {}))   # every field at its default
+    written = GOOD
+    for key in section.split("."):
+        written = written[key]
+
+    def differences(defaults, values, prefix):
+        for key, default in defaults.items():
+            value = values.get(key, "(absent)") if isinstance(values, dict) else "(absent)"
+            if isinstance(default, dict) and default and isinstance(value, dict):
+                yield from differences(default, value, f"{prefix}.{key}")
+            elif default != value:
+                yield f"{prefix}.{key}: schema {default!r}, params.yaml {value!r}"
+
+    assert list(differences(schema, written, section)) == []
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("base.seed", 2**32, "base.seed: 4294967296 must be at most 4294967295"),
+    ("cnn.defaults.epochs", 10**9, "cnn.defaults.epochs: 1000000000 must be at most 10000"),
+    ("cnn.defaults.batch_size", 10**7, "cnn.defaults.batch_size: 10000000 must be at most 65536"),
+    ("cnn.defaults.eval_batch_size", 10**7, "cnn.defaults.eval_batch_size: 10000000 must be at most 65536"),
+    ("cnn.defaults.devices", 10**4, "cnn.defaults.devices: 10000 must be at most 1024"),
+    ("cnn.defaults.upsample_to", 10**5, "cnn.defaults.upsample_to: 100000 must be at most 1024"),
+    ("cnn.defaults.step_size", 10**9, "cnn.defaults.step_size: 1000000000 must be at most 10000"),
+    ("cnn.defaults.lr", 1e3, "cnn.defaults.lr: 1000.0 must be at most 10"),
+    ("cnn.defaults.max_steps_per_epoch", 10**12, "cnn.defaults.max_steps_per_epoch: 1000000000000 must be at most"),
+    ("features.image_index", 10**12, "features.image_index: 1000000000000 must be at most 10000000"),
+    ("features.channel", 10**6, "features.channel: 1000000 must be at most 4095"),
+], ids=lambda v: str(v)[:40])
+def test_values_no_one_could_mean_are_refused_before_any_work(path, value, message):
+    with pytest.raises(P.ParamsError) as caught:
+        P.parse(with_change(path, value))
+    assert message in str(caught.value)
+    assert P.parse(with_change(path, getattr(_bound(path), "le")))   # the bound itself is allowed
+
+
+def _bound(path: str):
+    """The `le` metadata of a schema field (e.g. Field(..., le=10000))."""
+    section, key = path.rsplit(".", 1)
+    cls = SECTIONS[section]
+    return next(m for m in cls.__pydantic_fields__[key].metadata if hasattr(m, "le"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -169,13 +170,21 @@ class TrainResult:
     curve: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     images_seen: int = 0
-    resumed_from: int = 0
+    resumed_from: int = 0            # the epoch a resumed run continued after (0: not resumed)
     checkpoint: Path | None = None   # this run's epoch checkpoint (the caller removes it on success)
 
 
 # The code a checkpoint's training depends on (callers add their own files, e.g. the stage script
 # and the model factory): a change to any of them makes an old checkpoint unusable.
 LOOP_SOURCES = (Path(__file__), Path(augment.__file__))
+
+# Files in a stage's checkpoint folder that no run has touched for this long are removed at the
+# next start of that stage: checkpoints of runs that never finished (or whose stage DVC restored
+# from its run-cache instead) and temporary files of killed writes. A live run rewrites its own
+# checkpoint after every epoch.
+PRUNE_AFTER_DAYS = 7
+# Refuse, before training on, a run projected to take longer than this (PIPELINE_FORCE=1 runs it anyway).
+MAX_PROJECTED_DAYS = 14
 
 
 def source_digest(files) -> str:
@@ -185,23 +194,82 @@ def source_digest(files) -> str:
     return digest.hexdigest()
 
 
+def data_digest(splits: dict[str, DeviceSplit]) -> str:
+    """sha256 of every split's images and labels, in split order (their contents, not their shapes)."""
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        split = splits[name]
+        for array in (split.images.cpu().contiguous().numpy(), np.ascontiguousarray(split.labels_np)):
+            digest.update(f"{name}:{array.dtype}:{array.shape}\0".encode())
+            digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def run_config(cfg: Cnn, seed: int, splits: dict[str, DeviceSplit], data_source: str, code_files=()) -> dict:
+    """Everything a checkpoint's training depends on, by name: every key of the config (log_every
+    shapes the curve, eval_batch_size the evaluation's rounding), the seed, the data's content
+    digest and source, the task, the model's input size, the device type and the source digest
+    of the loop, the augmentations and the caller's `code_files`."""
+    return {**asdict(cfg), "seed": seed, "data_digest": data_digest(splits), "data_source": data_source,
+            "task": splits["train"].task, "input_size": splits["train"].size,
+            "device_type": splits["train"].device.type, "code": source_digest([*LOOP_SOURCES, *code_files])}
+
+
+def config_fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
 def fingerprint(cfg: Cnn, seed: int, splits: dict[str, DeviceSplit], data_source: str,
                 code_files=()) -> str:
-    """What a checkpoint must match to be resumed: the training config, seed, data, device type
-    and the source code of the loop, the augmentations and the caller's `code_files`."""
-    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "eval_batch_size", "log_every")}
-    shapes = {s: list(split.images.shape) for s, split in splits.items()}
-    data_source = [data_source, splits["train"].task, splits["train"].size]
-    device = splits["train"].device.type
-    code = source_digest([*LOOP_SOURCES, *code_files])
-    return hashlib.sha256(json.dumps([relevant, seed, shapes, data_source, device, code],
-                                     sort_keys=True).encode()).hexdigest()
+    """What a checkpoint must match to be resumed: the hash of `run_config`."""
+    return config_fingerprint(run_config(cfg, seed, splits, data_source, code_files))
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every key whose value differs (a key only one side has included)."""
+    missing = "(absent)"
+    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)]
+
+
+def prune_checkpoints(folder: Path, keep: Path, now: float | None = None) -> list[Path]:
+    """At a stage's start: remove the temporary files of `keep` (a killed write of this very run)
+    and every other file untouched for PRUNE_AFTER_DAYS. Returns what was removed."""
+    if not folder.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for path in folder.iterdir():
+        ours = path.name.startswith(f"tmp.{keep.name}.")
+        old = path != keep and now - path.stat().st_mtime > PRUNE_AFTER_DAYS * 86400
+        if path.is_file() and (ours or old):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _saved_config(path: Path) -> dict:
+    try:   # mmap: only the small config is read from a checkpoint of hundreds of MB
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config", {})
+    except Exception:  # noqa: BLE001 - an unreadable old checkpoint only means no diff to show
+        return {}
+
+
+def resume_mismatch_message(folder: Path, config: dict) -> str:
+    """Why there is nothing to resume: no checkpoint at all, or what differs from the newest one."""
+    others = sorted((p for p in folder.glob("*.pt") if not p.name.startswith("tmp.")),
+                    key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    if not others:
+        return f"no checkpoint in {folder} to resume; starting afresh"
+    diff = config_diff(_saved_config(others[0]), config)
+    return (f"no checkpoint for this configuration and code; the newest one, {others[0]}, was made with "
+            f"other settings; starting afresh. What differs (checkpoint -> now):\n  " + "\n  ".join(diff))
 
 
 def projection(model, splits: dict[str, DeviceSplit], cfg: Cnn, label: str, seconds_per_step: float,
-               steps_per_epoch: int, epochs_left: int) -> str:
-    """The projected time of the rest of the stage, from the timed steps and one timed
-    evaluation batch (eval mode: no state changes, no random numbers drawn)."""
+               steps_per_epoch: int, epochs_left: int) -> tuple[str, float]:
+    """The projected time of the rest of the stage (message, seconds), from the timed steps and
+    one timed evaluation batch (eval mode: no state changes, no random numbers drawn)."""
     val = splits["val"]
     k = min(cfg.eval_batch_size, len(val.labels))
     start = time.perf_counter()
@@ -212,19 +280,91 @@ def projection(model, splits: dict[str, DeviceSplit], cfg: Cnn, label: str, seco
                                                        cfg.log_every, len(val.labels), len(splits["test"].labels))
     return progress.projection_message(label, val.device.type, total, detail, on_cpu=val.device.type == "cpu",
                                        seconds_per_epoch=per_epoch, steps_per_epoch=steps_per_epoch,
-                                       epochs=epochs_left, size=val.size or val.images.shape[1])
+                                       epochs=epochs_left, size=val.size or val.images.shape[1]), total
+
+
+def refuse_absurd(message: str, seconds: float) -> None:
+    """Stop before training on when the projection is beyond any reasonable wait, unless forced."""
+    if seconds > MAX_PROJECTED_DAYS * 86400 and os.environ.get("PIPELINE_FORCE", "") != "1":
+        raise StageError(f"{message}\nrefused: over {MAX_PROJECTED_DAYS} days. Lower cnn epochs, steps or image "
+                         "size (above), or set PIPELINE_FORCE=1 to run it anyway")
+
+
+@torch.no_grad()
+def activation_bytes_per_image(model: torch.nn.Module, split: DeviceSplit) -> int:
+    """Bytes of the outputs of every leaf module for one image in fp32: about what autograd keeps
+    per training image (eval mode: no state changes, no random numbers drawn)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += sum(t.numel() * 4 for t in (output if isinstance(output, (tuple, list)) else [output])
+                     if isinstance(t, torch.Tensor))
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        model(split.batch(torch.arange(1, device=split.device)))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes where training runs: the CUDA device's, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def refuse_too_big(model: torch.nn.Module, split: DeviceSplit, cfg: Cnn, world: World = SINGLE) -> None:
+    """Stop before the first step when one training batch's activations plus the weights, their
+    gradients and Adam's two moments cannot fit the memory there is, unless forced. An estimate
+    on the low side: it only refuses what cannot run."""
+    batch = -(-cfg.batch_size // world.size)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = batch * activation_bytes_per_image(model, split) + 4 * weights
+    free = available_memory(split.device)
+    if needed > free and os.environ.get("PIPELINE_FORCE", "") != "1":
+        fits = max(1, int(batch * (free - 4 * weights) / max(needed - 4 * weights, 1)))
+        raise StageError(f"cnn batch_size={cfg.batch_size} needs about {needed / 2**30:.1f} GiB on "
+                         f"{split.device.type}, which has {free / 2**30:.1f} GiB free; try `dvc exp run -S "
+                         f"cnn.defaults.batch_size={fits}` (or smaller images), or set PIPELINE_FORCE=1 to try anyway")
+
+
+def _selection_value(val: dict, key: str) -> float:
+    """The validation score epochs are compared by; NaN (e.g. AUC of a split missing a class) counts as the worst."""
+    value = val.get(key, math.nan)
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def _better(val: dict, best: dict, key: str) -> bool:
+    """Whether this epoch replaces the best so far: the first epoch always; later ones when strictly
+    better, or when neither has a finite score (so an all-NaN run keeps its last epoch)."""
+    if not best:
+        return True
+    new, old = _selection_value(val, key), _selection_value(best, key)
+    return new > old or new == old == -math.inf
 
 
 def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed: int,
           log: Callable[[dict, int], None], checkpoint_dir: Path | None = None, data_source: str = "",
-          code_files=(), world: World = SINGLE, label: str = "cnn") -> TrainResult:
+          code_files=(), world: World = SINGLE, label: str = "cnn", resume: bool = False) -> TrainResult:
     """Train on `splits` (from `to_device`), keep the best-validation weights in `model`.
 
     With `checkpoint_dir`, a checkpoint named by the run's fingerprint is written there after every
-    epoch, and `cfg.resume` continues from it; the caller deletes it (`result.checkpoint`) once
-    its outputs are written. With a `world` of several processes (torchrun), each rank trains on
-    its share of every global batch; only rank 0 writes checkpoints (every rank logs through `log`:
-    the caller passes a no-op on the others).
+    epoch (with the config it was made with and every `log` call so far), and `resume` continues
+    from it, first replaying those `log` calls so the new run carries the whole curve; the caller
+    deletes it (`result.checkpoint`) once its outputs are written. At the start, stale files of the
+    folder are pruned (`prune_checkpoints`). With a `world` of several processes (torchrun), each
+    rank trains on its share of every global batch; only rank 0 writes checkpoints (every rank logs
+    through `log`: the caller passes a no-op on the others).
     """
     train_split, val_split = splits["train"], splits["val"]
     device = train_split.device
@@ -238,16 +378,28 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
     steps_per_epoch = -(-n // cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    key = fingerprint(cfg, seed, splits, data_source, code_files)
+    config = run_config(cfg, seed, splits, data_source, code_files) if checkpoint_dir is not None else {}
+    key = config_fingerprint(config)
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{key[:16]}.pt"
-    result = TrainResult(best_state={}, best_epoch=0, best_val={"auc": -1.0, "acc": -1.0}, checkpoint=checkpoint)
-    start_epoch, step = 1, 0
-    if checkpoint is not None and cfg.resume and not checkpoint.exists():
-        print(f"no checkpoint for this configuration and code ({checkpoint}); starting afresh")
+    result = TrainResult(best_state={}, best_epoch=0, best_val={}, checkpoint=checkpoint)
+    logged: list[tuple[dict, int]] = []   # every log call, kept in the checkpoint for a resumed run
 
-    if checkpoint is not None and cfg.resume and checkpoint.exists():
+    def record(metrics: dict, at: int) -> None:
+        logged.append((metrics, at))
+        log(metrics, at)
+
+    start_epoch, step = 1, 0
+    if checkpoint is not None and world.is_main:
+        for path in prune_checkpoints(checkpoint.parent, checkpoint):
+            print(f"removed stale checkpoint file {path}")
+    if checkpoint is not None and resume and not checkpoint.exists():
+        print(resume_mismatch_message(checkpoint.parent, config))
+    if checkpoint is not None and resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state.get("fingerprint") == key:
+        if state.get("config") != config:
+            print("\n  ".join([f"{checkpoint} was made with other settings; starting afresh. What differs:",
+                                *config_diff(state.get("config", {}), config)]))
+        else:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -258,9 +410,10 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
                                  resumed_from=state["epoch"], checkpoint=checkpoint)
             start_epoch, step = state["epoch"] + 1, state["step"]
             print(f"resuming from {checkpoint} after epoch {state['epoch']}")
-        else:
-            print(f"{checkpoint} is from another configuration; starting afresh")
+            for metrics, at in state["logged"]:   # the history before the interruption, with its steps
+                record(metrics, at)
 
+    refuse_too_big(model, val_split, cfg, world)   # one validation image: eval mode, no state changes
     model.train()
     # Progress bars, the projected time and epoch lines (one process prints them under torchrun).
     timer = progress.StepTimer(steps_per_epoch, sync=torch.cuda.synchronize if device.type == "cuda" else lambda: None)
@@ -282,8 +435,10 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             seconds_per_step = timer.end()
             if seconds_per_step is not None and world.is_main:
                 paused = time.perf_counter()   # the projection's evaluation batch is not training time
-                progress.say(projection(model, splits, cfg, label, seconds_per_step, steps_per_epoch,
-                                        cfg.epochs - epoch + 1))
+                message, projected = projection(model, splits, cfg, label, seconds_per_step, steps_per_epoch,
+                                                cfg.epochs - epoch + 1)
+                progress.say(message)
+                refuse_absurd(message, projected)
                 tick += time.perf_counter() - paused
             bar.step(loss)
             step += 1
@@ -298,7 +453,7 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
                 row = {"step": step, "epoch": epoch, "train_loss": float(running) / running_n,
                        "val_auc": val["auc"], "val_acc": val["acc"]}
                 result.curve.append(row)
-                log({"train_loss": row["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"]}, step)
+                record({"train_loss": row["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"]}, step)
                 running, running_n = 0.0, 0
                 tick = time.perf_counter()
         if device.type == "cuda":
@@ -311,8 +466,12 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
         if world.is_main:
             progress.epoch_line(epoch, cfg.epochs, time.perf_counter() - epoch_start, prefix=label,
                                 train_loss=bar.mean_loss, val_auc=val["auc"], val_acc=val["acc"], lr=lr)
-        log({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"]}, step)
-        if val[cfg.select_by] > result.best_val[cfg.select_by]:
+            if math.isnan(val[cfg.select_by]):
+                print(f"epoch {epoch}: validation {cfg.select_by} is NaN (a class missing from the validation "
+                      "split?); counted as the worst score for choosing the best epoch")
+        record({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"]},
+               step)
+        if _better(val, result.best_val, cfg.select_by):
             result.best_val, result.best_epoch = val, epoch
             result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if epoch == cfg.epochs and running_n:   # end the curve at the last step (before the last
@@ -321,11 +480,14 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
                                  "val_auc": val["auc"], "val_acc": val["acc"]})
         if checkpoint is not None and world.is_main:
             _save_checkpoint(checkpoint, {
-                "fingerprint": key, "epoch": epoch, "step": step, "model": model.state_dict(),
+                "fingerprint": key, "config": config, "epoch": epoch, "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(), "best_state": result.best_state,
                 "best_epoch": result.best_epoch, "best_val": result.best_val, "curve": result.curve,
-                "train_seconds": result.train_seconds, "images_seen": result.images_seen})
+                "train_seconds": result.train_seconds, "images_seen": result.images_seen, "logged": logged})
+    if world.is_main and math.isnan(result.best_val.get(cfg.select_by, 0.0)):
+        print(f"no epoch had a finite validation {cfg.select_by}: kept the last epoch's weights "
+              f"(epoch {result.best_epoch})")
     model.load_state_dict(result.best_state)
     return result
 

@@ -8,7 +8,7 @@ by the number of training steps taken (a buffer, so it travels with the state di
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from pipeline.params import Cnn
 from pipeline import devices
 from pipeline.train import augment, cnn_loop
 from pipeline.train.cnn_loop import DeviceSplit
+from pipeline.train.distributed import SINGLE
 
 CPU = torch.device("cpu")
 VAL_LABELS = np.array([0, 1, 2, 0, 1, 2])
@@ -259,29 +260,35 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_p
     straight_model, straight, _ = _train(cfg, checkpoint_dir=tmp_path / "a")
 
     _interrupt_at_epoch_log(Scripted(), _splits(), cfg, tmp_path / "b", step=3)   # one step per epoch: epoch 3
-    model, resumed, _ = _train(replace(cfg, resume=True), checkpoint_dir=tmp_path / "b")
+    model, resumed, _ = _train(cfg, checkpoint_dir=tmp_path / "b", resume=True)
     assert resumed.resumed_from == 2 and len(model.train_inputs) == 1
     assert len(straight.curve) == 3 and resumed.curve == straight.curve    # the rows before the interruption too
     assert resumed.best_epoch == straight.best_epoch == 2 and resumed.best_val == straight.best_val
     assert int(model.steps) == int(straight_model.steps) == 2
     assert resumed.images_seen == straight.images_seen == 12
     # Another configuration does not resume.
-    other, fresh, _ = _train(replace(cfg, resume=True, lr=0.2), checkpoint_dir=tmp_path / "b")
+    other, fresh, _ = _train(replace(cfg, lr=0.2), checkpoint_dir=tmp_path / "b", resume=True)
     assert fresh.resumed_from == 0 and len(other.train_inputs) == 3
     # Without resume the checkpoint is ignored.
     assert _train(cfg, checkpoint_dir=tmp_path / "b")[1].resumed_from == 0
 
 
-def test_fingerprint_ignores_only_resume_eval_batch_and_log_every():
+def test_fingerprint_covers_every_config_key_and_the_data_contents():
     splits, cfg = _splits(), _cfg()
     key = cnn_loop.fingerprint(cfg, 0, splits, "synthetic")
-    for same in ({"resume": True}, {"eval_batch_size": 99}, {"log_every": 7}):
-        assert cnn_loop.fingerprint(replace(cfg, **same), 0, splits, "synthetic") == key
-    for other in ({"lr": 0.2}, {"epochs": 4}, {"augment": ["hflip"]}):
+    assert cnn_loop.fingerprint(cfg, 0, _splits(), "synthetic") == key
+    for other in ({"lr": 0.2}, {"epochs": 4}, {"augment": ["hflip"]}, {"log_every": 7}, {"eval_batch_size": 99}):
         assert cnn_loop.fingerprint(replace(cfg, **other), 0, splits, "synthetic") != key
     assert cnn_loop.fingerprint(cfg, 1, splits, "synthetic") != key
     assert cnn_loop.fingerprint(cfg, 0, splits, "medmnist") != key
     assert cnn_loop.fingerprint(cfg, 0, {**splits, "val": _split([0, 1, 2])}, "synthetic") != key
+    # Same shapes, one pixel or one label changed: another fingerprint.
+    edited = _split(VAL_LABELS)
+    edited.images[0, 0, 0, 0] += 1
+    assert cnn_loop.fingerprint(cfg, 0, {**splits, "val": edited}, "synthetic") != key
+    relabelled = _split([0, 1, 2, 0, 1, 1])
+    assert cnn_loop.fingerprint(cfg, 0, {**splits, "val": relabelled}, "synthetic") != key
+    assert "resume" not in {f.name for f in fields(Cnn)}   # an environment variable, not a param
 
 
 def test_device_resolution(monkeypatch):
@@ -429,17 +436,27 @@ def test_fingerprint_is_the_hash_of_exactly_what_training_depends_on(tmp_path):
     extra.write_text("print('stage')\n")
     splits = {s: replace(split, task="binary-class", size=8) for s, split in _splits().items()}
     cfg = _cfg()
-    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "eval_batch_size", "log_every")}
-    shapes = {s: list(split.images.shape) for s, split in splits.items()}
+    config = cnn_loop.run_config(cfg, 3, splits, "src", code_files=[extra])
     code = cnn_loop.source_digest([*cnn_loop.LOOP_SOURCES, extra])
-    by_hand = hashlib.sha256(json.dumps([relevant, 3, shapes, ["src", "binary-class", 8], "cpu", code],
-                                        sort_keys=True).encode()).hexdigest()
+    assert config == {**asdict(cfg), "seed": 3, "data_digest": cnn_loop.data_digest(splits), "data_source": "src",
+                      "task": "binary-class", "input_size": 8, "device_type": "cpu", "code": code}
+    by_hand = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     key = cnn_loop.fingerprint(cfg, 3, splits, "src", code_files=[extra])
     assert key == by_hand
     extra.write_text("print('changed')\n")
     assert cnn_loop.fingerprint(cfg, 3, splits, "src", code_files=[extra]) != key
     assert cnn_loop.fingerprint(cfg, 3, {**splits, "train": replace(splits["train"], task="multi-class")}, "src",
                                 code_files=[extra]) != cnn_loop.fingerprint(cfg, 3, splits, "src", code_files=[extra])
+
+
+def test_data_digest_is_the_sha256_of_every_split_images_and_labels():
+    import hashlib
+    splits = _splits()
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        for array in (splits[name].images.numpy(), splits[name].labels_np):
+            digest.update(f"{name}:{array.dtype}:{array.shape}\0".encode() + array.tobytes())
+    assert cnn_loop.data_digest(splits) == digest.hexdigest()
 
 
 # ---- the loop: mode, seed, timing, logs, checkpoints, ranks -------------------------------------------
@@ -489,6 +506,11 @@ class _Clock:
 
     def perf_counter(self):
         return self.now
+
+    @staticmethod
+    def time():   # the wall clock (checkpoint file ages) stays real
+        import time
+        return time.time()
 
 
 class Timed(Scripted):
@@ -607,12 +629,14 @@ def test_resume_restores_weights_optimizer_scheduler_and_random_stream(tmp_path)
     # An interrupted epoch 2: the checkpoint after epoch 1 is there.
     saved = torch.load(next((tmp_path / "b").iterdir()), weights_only=True)
     assert saved["epoch"] == 1 and saved["train_seconds"] > 0
-    model, resumed, logs = _train(replace(cfg, resume=True), splits=_splits(6), model=Scripted(table),
-                                  checkpoint_dir=tmp_path / "b")
+    model, resumed, logs = _train(cfg, splits=_splits(6), model=Scripted(table),
+                                  checkpoint_dir=tmp_path / "b", resume=True)
     assert resumed.resumed_from == 1 and resumed.best_epoch == straight.best_epoch == 3
     assert torch.equal(model.w, straight_model.w)              # Adam's state came back
     assert all(torch.equal(a, b) for a, b in zip(model.train_inputs, straight_model.train_inputs[2:]))
-    assert [m for m, _ in logs] == [m for m, _ in straight_logs[-2:]]      # lr of the cosine schedule
+    # The resumed run logs the whole history: the calls before the interruption re-logged with their
+    # steps, then the rest (lr of the cosine schedule included).
+    assert logs == straight_logs and len(logs) == 3
     assert resumed.curve == straight.curve and resumed.images_seen == straight.images_seen == 18
     assert resumed.train_seconds > saved["train_seconds"]
 
@@ -652,7 +676,7 @@ def test_projection_times_one_evaluation_batch_without_changing_anything(monkeyp
     monkeypatch.setattr(cnn_loop, "predict", lambda m, split, bs: seen.append((len(split.labels), len(split.images),
                                                                                len(split.labels_np), bs)) or
                         clock.__setattr__("now", clock.now + 100.0 * len(split.labels)))
-    assert cnn_loop.projection(model, splits, cfg, "resnet", 0.25, 3, 4) == "message"
+    assert cnn_loop.projection(model, splits, cfg, "resnet", 0.25, 3, 4) == ("message", 10.0)
     assert seen == [(4, 4, 4, 4)]
     assert calls["projection"] == (0.25, 100.0, 3, 4, 5, 6, 6)
     assert calls["message"] == (("resnet", "cpu", 10.0, "d"), {"on_cpu": True, "seconds_per_epoch": 2.0,
@@ -733,7 +757,7 @@ def test_training_batches_are_rotated_with_the_configured_interpolation():
 
 
 def test_resume_without_a_checkpoint_directory_trains_afresh():
-    model, result, _ = _train(_cfg(epochs=2, resume=True))
+    model, result, _ = _train(_cfg(epochs=2), resume=True)
     assert result.resumed_from == 0 and result.checkpoint is None and len(model.train_inputs) == 2
 
 
@@ -751,7 +775,7 @@ def test_resumed_training_time_is_exactly_the_uninterrupted_runs(tmp_path, monke
     _, straight, _ = _train(cfg, splits=_splits(8), model=Timed(clock), checkpoint_dir=tmp_path / "a")
 
     _interrupt_at_epoch_log(Timed(clock), _splits(8), cfg, tmp_path / "b", step=6)
-    _, resumed, _ = _train(replace(cfg, resume=True), splits=_splits(8), model=Timed(clock),
+    _, resumed, _ = _train(cfg, resume=True, splits=_splits(8), model=Timed(clock),
                            checkpoint_dir=tmp_path / "b")
     assert straight.train_seconds == 6.0 and resumed.train_seconds == 6.0 and resumed.resumed_from == 2
     assert resumed.checkpoint == straight.checkpoint.parent.parent / "b" / straight.checkpoint.name
@@ -772,7 +796,7 @@ def test_console_output_reports_this_runs_numbers(monkeypatch):
     monkeypatch.setattr(progress, "bar", bar)
     monkeypatch.setattr(progress, "epoch_line", lambda *a, **k: lines.append((a, k)))
     monkeypatch.setattr(progress, "say", said.append)
-    monkeypatch.setattr(cnn_loop, "projection", lambda *a: projected.append(a) or "projected!")
+    monkeypatch.setattr(cnn_loop, "projection", lambda *a: projected.append(a) or ("projected!", 1.0))
     clock = _Clock()
     monkeypatch.setattr(cnn_loop, "time", clock)
     cfg = _cfg(epochs=2, max_steps_per_epoch=0, batch_size=2, scheduler="step", step_size=1, step_gamma=0.5,
@@ -815,3 +839,126 @@ def _expected_losses_with_lrs(cfg, lrs):
         optimizer.step()
         out.append(loss.item())
     return out
+
+
+# ---- resume, pruning, NaN scores, absurd projections (issues 17.4, 18.9, 18.11, 18.13) ----------------
+
+def test_the_checkpoint_keeps_its_config_and_a_mismatch_names_the_keys_that_differ(tmp_path, capsys):
+    cfg = _cfg(epochs=3, log_every=1)
+    _interrupt_at_epoch_log(Scripted(), _splits(), cfg, tmp_path, step=2)
+    (saved,) = tmp_path.iterdir()
+    config = torch.load(saved, weights_only=True)["config"]
+    assert config == cnn_loop.run_config(cfg, 0, _splits(), "") and config["log_every"] == 1
+    capsys.readouterr()
+    _, fresh, _ = _train(replace(cfg, lr=0.2, log_every=2), checkpoint_dir=tmp_path, resume=True)
+    out = capsys.readouterr().out
+    assert fresh.resumed_from == 0 and f"the newest one, {saved}, was made with other settings" in out
+    assert "lr: 0.1 -> 0.2" in out and "log_every: 1 -> 2" in out and "epochs:" not in out
+
+
+def test_a_checkpoint_of_other_data_with_the_same_shapes_is_not_resumed(tmp_path, capsys):
+    cfg = _cfg(epochs=3)
+    _interrupt_at_epoch_log(Scripted(), _splits(), cfg, tmp_path, step=2)
+    splits = _splits()
+    splits["train"].images[0, 0, 0, 0] += 1    # one pixel of the training split
+    _, result, _ = _train(cfg, splits=splits, checkpoint_dir=tmp_path, resume=True)
+    assert result.resumed_from == 0 and "data_digest: " in capsys.readouterr().out
+
+
+def test_stale_checkpoint_files_are_pruned_at_the_start_and_live_ones_kept(tmp_path):
+    import os
+    import time
+    cfg = _cfg(epochs=1)
+    key = cnn_loop.fingerprint(cfg, 0, _splits(), "")[:16]
+    killed_write = tmp_path / f"tmp.{key}.pt.abc123.pt"            # this run's, from a killed write
+    old = tmp_path / ("0" * 16 + ".pt")                             # another fingerprint, 8 days untouched
+    old_tmp = tmp_path / f"tmp.{'1' * 16}.pt.x.pt"
+    recent = tmp_path / ("2" * 16 + ".pt")                          # another fingerprint, an hour old
+    recent_tmp = tmp_path / f"tmp.{'3' * 16}.pt.y.pt"               # maybe a live run's write
+    for path in (killed_write, old, old_tmp, recent, recent_tmp):
+        path.write_bytes(b"x")
+    for path, age in ((old, 8 * 86400), (old_tmp, 8 * 86400), (recent, 3600)):
+        os.utime(path, (time.time() - age, time.time() - age))
+    _, result, _ = _train(cfg, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, recent_tmp.name, result.checkpoint.name])
+    assert cnn_loop.PRUNE_AFTER_DAYS == 7
+
+
+def _nan_auc_splits():
+    # The validation split has no class 1: its multi-class AUC is undefined (NaN), its ACC is not.
+    splits = _splits()
+    splits["val"] = _split([0, 0, 2, 0, 0, 2])
+    return splits
+
+
+def test_nan_validation_scores_still_keep_a_best_state_the_last_epoch(capsys):
+    splits = _nan_auc_splits()
+    assert math.isnan(cnn_loop.evaluate(Scripted().eval(), splits["val"], 4)[0]["auc"])
+    model, result, _ = _train(_cfg(epochs=3, select_by="auc"), splits=splits)
+    assert result.best_epoch == 3 and int(model.steps) == 3 and result.best_state    # loaded, no error
+    out = capsys.readouterr().out
+    assert "validation auc is NaN" in out and "no epoch had a finite validation auc: kept the last epoch" in out
+
+
+def test_a_nan_score_never_beats_a_finite_one():
+    assert cnn_loop._better({"auc": 0.2}, {"auc": math.nan}, "auc")
+    assert not cnn_loop._better({"auc": math.nan}, {"auc": 0.2}, "auc")
+    assert cnn_loop._better({"auc": math.nan}, {"auc": math.nan}, "auc")   # all NaN: the later one
+    assert cnn_loop._better({"auc": math.nan}, {}, "auc")                 # the first epoch always
+    assert not cnn_loop._better({"auc": 0.2}, {"auc": 0.2}, "auc")
+
+
+def test_an_absurd_projection_is_refused_after_the_timed_steps_unless_forced(monkeypatch):
+    monkeypatch.setattr(cnn_loop, "projection", lambda *a: ("projected: 99y", 15 * 86400.0))
+    monkeypatch.delenv("PIPELINE_FORCE", raising=False)
+    model = Scripted()
+    cfg = _cfg(epochs=1, max_steps_per_epoch=0, batch_size=1)   # 8 steps: the timer projects after 7
+    with pytest.raises(StageError, match="refused: over 14 days.*PIPELINE_FORCE=1"):
+        _train(cfg, model=model)
+    assert len(model.train_inputs) < 8
+    monkeypatch.setenv("PIPELINE_FORCE", "1")
+    assert len(_train(cfg)[0].train_inputs) == 8
+    monkeypatch.setattr(cnn_loop, "projection", lambda *a: ("projected: 13d", 13 * 86400.0))
+    monkeypatch.delenv("PIPELINE_FORCE")
+    assert len(_train(cfg)[0].train_inputs) == 8
+
+
+class _Conv(nn.Module):
+    """Two leaf modules with known output sizes: conv 3->2 channels, then a ReLU (same size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def test_activation_estimate_counts_every_leaf_output_of_one_image():
+    model = _Conv().train()
+    split = _split([0, 1, 2])                  # 4x4 images
+    assert cnn_loop.activation_bytes_per_image(model, split) == 2 * (2 * 4 * 4 * 4)   # two 2x4x4 fp32 outputs
+    assert model.training
+
+
+def test_a_batch_that_cannot_fit_the_memory_is_refused_before_the_first_step_unless_forced(monkeypatch):
+    monkeypatch.delenv("PIPELINE_FORCE", raising=False)
+    model = _Conv()
+    weights = 6 * 4
+    monkeypatch.setattr(cnn_loop, "available_memory", lambda device: 100 * 256 + 4 * weights)   # 100 images' worth
+    cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=100), SINGLE)
+    with pytest.raises(StageError, match=r"batch_size=101 needs about .* GiB on cpu.*"
+                                         r"cnn.defaults.batch_size=100`.*PIPELINE_FORCE=1"):
+        cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=101), SINGLE)
+    from pipeline.train.distributed import World
+    cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=200), World(0, 2, 0))   # 100 per process
+    monkeypatch.setenv("PIPELINE_FORCE", "1")
+    cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=101), SINGLE)
+    # In training, before any step.
+    monkeypatch.delenv("PIPELINE_FORCE")
+    monkeypatch.setattr(cnn_loop, "available_memory", lambda device: 0)
+    scripted = Scripted()
+    with pytest.raises(StageError, match="needs about"):
+        _train(_cfg(), model=scripted)
+    assert scripted.train_inputs == []
