@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.errors import StageError
+
 
 @dataclass(frozen=True)
 class World:
@@ -54,7 +56,7 @@ def torchrun_command(devices: int, module: str, argv: list[str]) -> list[str]:
     Inside a Slurm job of several tasks, every task is one node of the run (see `slurm_command`);
     anywhere else, the loopback-only launcher of this module.
     """
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if int(os.environ.get("SLURM_NTASKS") or 1) > 1:
         return slurm_command(devices, module, argv)
     return [sys.executable, "-m", "pipeline.train.distributed", str(devices), module, *argv]
 
@@ -62,17 +64,21 @@ def torchrun_command(devices: int, module: str, argv: list[str]) -> list[str]:
 def slurm_command(devices: int, module: str, argv: list[str]) -> list[str]:
     """srun: one torchrun per Slurm task, joined by a c10d rendezvous on the job's first node.
 
+    `devices` is the number of processes in all (as on one machine), devices / tasks per node.
     The stage runs in the batch step, on the first node: the port is a free one there. The node
     list, the task count and the job id (the rendezvous id) are Slurm's.
     """
     nodes = int(os.environ["SLURM_NTASKS"])
+    if devices % nodes:
+        raise StageError(f"cnn devices={devices} processes cannot be split evenly over this job's {nodes} Slurm "
+                         f"tasks (nodes); set `-S cnn.defaults.devices=` to a multiple of {nodes}")
     first = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                            capture_output=True, text=True, check=True).stdout.split()[0]
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
     return ["srun", f"--ntasks={nodes}", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run",
-            f"--nnodes={nodes}", f"--nproc-per-node={devices}", "--rdzv-backend=c10d",
+            f"--nnodes={nodes}", f"--nproc-per-node={devices // nodes}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={first}:{port}", f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'pipeline')}",
             "-m", module, *argv]
 

@@ -86,7 +86,7 @@ def test_in_a_slurm_job_of_several_tasks_each_task_is_one_torchrun_node(monkeypa
         return subprocess.CompletedProcess(cmd, 0, stdout="gpu07\ngpu08\n")
 
     monkeypatch.setattr(subprocess, "run", scontrol)
-    command = distributed.torchrun_command(4, "stages.cnn", ["resnet18"])
+    command = distributed.torchrun_command(8, "stages.cnn", ["resnet18"])   # 8 processes in all
     assert calls == [["scontrol", "show", "hostnames", "gpu[07-08]"]]
     endpoint = next(a for a in command if a.startswith("--rdzv-endpoint="))
     host, port = endpoint.split("=")[1].split(":")
@@ -94,6 +94,8 @@ def test_in_a_slurm_job_of_several_tasks_each_task_is_one_torchrun_node(monkeypa
     assert command == ["srun", "--ntasks=2", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run",
                        "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", endpoint, "--rdzv-id=4242",
                        "-m", "stages.cnn", "resnet18"]
+    with pytest.raises(distributed.StageError, match="multiple of 2"):
+        distributed.torchrun_command(3, "stages.cnn", ["resnet18"])
 
 
 def test_init_outside_torchrun_is_one_process_without_a_group(monkeypatch):
