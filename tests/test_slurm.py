@@ -57,7 +57,7 @@ def cluster():
     assert not any(alive(pid) for pid in state["pids"].values()), state["pids"]
 
 
-def test_cluster_runs_an_array_and_a_two_task_step(cluster, tmp_path):
+def test_cluster_runs_an_array_job(cluster, tmp_path):
     run(["sbatch", "--wait", "--array=0-2", f"--output={tmp_path}/%a.out", "--wrap", "echo task $SLURM_ARRAY_TASK_ID"],
         tmp_path, timeout=300, **cluster)
     assert [(tmp_path / f"{i}.out").read_text().strip() for i in range(3)] == ["task 0", "task 1", "task 2"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,7 +78,10 @@ def slurm_command(devices: int, module: str, argv: list[str]) -> list[str]:
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
-    return ["srun", f"--ntasks={nodes}", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run",
+    srun = shutil.which("srun")
+    if srun is None:
+        raise StageError("SLURM_NTASKS is set but srun is not on PATH: run inside the Slurm job's environment")
+    return [srun, f"--ntasks={nodes}", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={nodes}", f"--nproc-per-node={devices // nodes}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={first}:{port}", f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'pipeline')}",
             "-m", module, *argv]

@@ -86,12 +86,13 @@ def test_in_a_slurm_job_of_several_tasks_each_task_is_one_torchrun_node(monkeypa
         return subprocess.CompletedProcess(cmd, 0, stdout="gpu07\ngpu08\n")
 
     monkeypatch.setattr(subprocess, "run", scontrol)
+    monkeypatch.setattr(distributed.shutil, "which", lambda name: f"/usr/bin/{name}")
     command = distributed.torchrun_command(8, "stages.cnn", ["resnet18"])   # 8 processes in all
     assert calls == [["scontrol", "show", "hostnames", "gpu[07-08]"]]
     endpoint = next(a for a in command if a.startswith("--rdzv-endpoint="))
     host, port = endpoint.split("=")[1].split(":")
     assert host == "gpu07" and 0 < int(port) < 65536
-    assert command == ["srun", "--ntasks=2", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run",
+    assert command == ["/usr/bin/srun", "--ntasks=2", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run",
                        "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", endpoint, "--rdzv-id=4242",
                        "-m", "stages.cnn", "resnet18"]
     with pytest.raises(distributed.StageError, match="multiple of 2"):
