@@ -139,7 +139,7 @@ def origin_repo(services, tmp_path_factory):
     repo = make_repo_copy(base / "a", params)
     subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=repo, check=True)
     dvc(repo, "remote", "add", "-d", "team", "s3://team/dvc")
-    dvc(repo, "repro", "download_etth1", timeout=600, **services)
+    dvc(repo, "repro", "download_ett", timeout=600, **services)
     subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*GIT, "commit", "-qm", "sweep baseline"], cwd=repo, check=True)
     subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=repo, check=True)
