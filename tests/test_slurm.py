@@ -189,8 +189,9 @@ def test_a_three_point_sweep_lands_in_dvc_and_mlflow_and_a_resubmission_runs_not
 
 
 @pytest.mark.slow
-def test_a_cancelled_task_is_reported_and_the_resubmission_runs_only_it(cluster, services, origin_repo):
+def test_a_cancelled_task_is_reported_and_the_resubmission_runs_only_it(cluster, services, origin_repo, monkeypatch):
     env = {**cluster, **services}
+    monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])   # for squeue from this process
     repo, folder = origin_repo["repo"], origin_repo["base"] / "sweep-epochs"
     grid = ["-S", "backprop.epochs=1,2,3"]
     out = sweep(repo, folder, env, *grid).stdout
