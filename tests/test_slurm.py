@@ -21,8 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, dvc, env as stage_env, make_repo_copy, run, small_params
-from pipeline.errors import DataError
+from conftest import REPO, dvc, make_repo_copy, run, small_params
 from pipeline.models import cnn
 from team import slurm
 from team.services import alive
