@@ -24,7 +24,7 @@ repro: setup
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
-test: setup browser postgres
+test: setup browser postgres slurm
 	"$(BIN)/python" -m pytest
 
 bench: setup
@@ -47,7 +47,16 @@ mutate: setup
 	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 TQDM_DISABLE=1 \
 		"$(BIN)/mutmut" run --max-children $${MUTATE_JOBS:-2} $(if $(MUTATE),'$(MUTATE)')
 	"$(BIN)/python" -m bench.mutation_report --survivors
-.PHONY: postgres team-up team-down wheels gpu-check
+.PHONY: postgres team-up team-down wheels gpu-check slurm sweep
+
+# Debian's Slurm and munge for tests/test_slurm.py (it starts its own munged, slurmctld, slurmd).
+slurm:
+	@command -v sbatch >/dev/null && test -x /usr/sbin/slurmd || { apt-get update -qq && apt-get install -y -qq slurm-wlm munge >/dev/null; } \
+		|| echo "Slurm could not be installed: tests/test_slurm.py will skip (and fail under CI)"
+
+# A -S grid as one Slurm array job: make sweep ARGS="-S 'backprop.lr=choice(0.01,0.05)' --wait backprop"
+sweep: setup
+	"$(BIN)/python" -m team.slurm sweep $(ARGS)
 
 # Debian's PostgreSQL for the team services (tests/test_team.py starts its own cluster in a temp folder).
 postgres:

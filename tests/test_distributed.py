@@ -45,10 +45,49 @@ def test_cross_process_batch_norm_is_plain_batch_norm_in_one_process():
     assert torch.equal(plain(x), cross(x))           # no process group: torch's own BatchNorm
 
 
-def test_torchrun_command_runs_the_same_module_on_n_processes():
+def test_torchrun_command_runs_the_same_module_on_n_processes(monkeypatch):
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
     command = distributed.torchrun_command(2, "stages.cnn", ["resnet18"])
-    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "stages.cnn", "resnet18"]
+    assert command[1:] == ["-m", "pipeline.train.distributed", "2", "stages.cnn", "resnet18"]
+
+
+RANK_SCRIPT = """
+import os, pathlib, time, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(total)
+folder = pathlib.Path(os.environ["RANK_DIR"])
+(folder / f"rank{dist.get_rank()}").write_text(str(total.item()))
+while not (folder / "go").exists():   # stay up (and connected) while the test reads the sockets
+    time.sleep(0.2)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_single_machine_run_listens_on_the_loopback_only(tmp_path, monkeypatch):
+    import psutil
+
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    (tmp_path / "ranks_up.py").write_text(RANK_SCRIPT)
+    launcher = subprocess.Popen(distributed.torchrun_command(2, "ranks_up", []), cwd=tmp_path,
+                                env=env(RANK_DIR=tmp_path, PYTHONPATH=f"{tmp_path}:{Path(distributed.__file__).parents[2]}",
+                                        OMP_NUM_THREADS=1),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(tmp_path.glob("rank*"))) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        assert launcher.poll() is None, launcher.communicate()[0]
+        tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+        listening = [c.laddr for p in tree for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert listening, "the rendezvous store should be listening"
+        assert {address.ip for address in listening} == {"127.0.0.1"}, listening
+        assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["3.0", "3.0"]   # 1 + 2 over both ranks
+    finally:
+        (tmp_path / "go").touch()
+        output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 0, output
 
 
 @pytest.fixture(scope="module")

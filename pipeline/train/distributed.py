@@ -6,17 +6,31 @@ batch (padded to a multiple of the world size, as `DistributedSampler` pads the 
 averages the gradients, so the global batch size and the learning rate are what params say.
 Augmentation is drawn for the whole global batch on every rank before sharding: the random
 stream, and so the experiment, is the same as in one process. Rank 0 alone logs and writes.
+
+Two launchers, chosen from the environment by `torchrun_command`:
+- one machine (`python -m pipeline.train.distributed N module ...`): N local processes around a
+  rendezvous store bound to 127.0.0.1 only (torchrun's stores listen on every interface);
+- a Slurm job of several tasks (SLURM_NTASKS > 1): `srun` starts one `torchrun` per task, each a
+  "node" of a c10d rendezvous on the first node of the allocation, N processes per node.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from pipeline.errors import StageError
 
 
 @dataclass(frozen=True)
@@ -38,9 +52,79 @@ def under_torchrun() -> bool:
 
 
 def torchrun_command(devices: int, module: str, argv: list[str]) -> list[str]:
-    """The command that runs `python -m <module> <argv>` as `devices` processes on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+    """The command that runs `python -m <module> <argv>` as `devices` processes per machine.
+
+    Inside a Slurm job of several tasks, every task is one node of the run (see `slurm_command`);
+    anywhere else, the loopback-only launcher of this module.
+    """
+    if int(os.environ.get("SLURM_NTASKS") or 1) > 1:
+        return slurm_command(devices, module, argv)
+    return [sys.executable, "-m", "pipeline.train.distributed", str(devices), module, *argv]
+
+
+def slurm_command(devices: int, module: str, argv: list[str]) -> list[str]:
+    """srun: one torchrun per Slurm task, joined by a c10d rendezvous on the job's first node.
+
+    `devices` is the number of processes in all (as on one machine), devices / tasks per node.
+    The stage runs in the batch step, on the first node: the port is a free one there. The node
+    list, the task count and the job id (the rendezvous id) are Slurm's.
+    """
+    nodes = int(os.environ["SLURM_NTASKS"])
+    if devices % nodes:
+        raise StageError(f"cnn devices={devices} processes cannot be split evenly over this job's {nodes} Slurm "
+                         f"tasks (nodes); set `-S cnn.defaults.devices=` to a multiple of {nodes}")
+    first = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                           capture_output=True, text=True, check=True).stdout.split()[0]
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    srun = shutil.which("srun")
+    if srun is None:
+        raise StageError("SLURM_NTASKS is set but srun is not on PATH: run inside the Slurm job's environment")
+    return [srun, f"--ntasks={nodes}", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run",
+            f"--nnodes={nodes}", f"--nproc-per-node={devices // nodes}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={first}:{port}", f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'pipeline')}",
             "-m", module, *argv]
+
+
+def launch_local(devices: int, module: str, argv: list[str]) -> int:
+    """Run `python -m module argv` as `devices` ranks on this machine; the exit code of the run.
+
+    The rendezvous store is torch's TCPStore on a socket bound to 127.0.0.1 (the ranks join it as
+    torchrun's workers join torchrun's store); gloo and NCCL use the loopback interface too. A
+    rank that fails, or SIGTERM/SIGINT to this process, ends every rank.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, devices + 1, True, datetime.timedelta(minutes=30),
+                          wait_for_workers=False, master_listen_fd=listener.fileno())
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(devices),
+           "LOCAL_WORLD_SIZE": str(devices), "GROUP_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "TORCHELASTIC_RESTART_COUNT": "0", "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+    env.setdefault("OMP_NUM_THREADS", "1")   # as torchrun: N ranks must not each take every core
+    ranks = [subprocess.Popen([sys.executable, "-m", module, *argv],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(devices)]
+    stop = []
+
+    def forward(signum, _frame):
+        stop.append(signum)
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    while any(rank.poll() is None for rank in ranks):
+        if any(rank.returncode not in (None, 0) for rank in ranks):   # one failed: the others would hang
+            for rank in ranks:
+                if rank.poll() is None:
+                    rank.terminate()
+        time.sleep(0.2)
+    del store
+    if stop:
+        return 128 + stop[0]
+    failed = [rank.returncode for rank in ranks if rank.returncode != 0]
+    return (failed[0] if failed[0] > 0 else 128 - failed[0]) if failed else 0   # killed by a signal: 128+N
 
 
 def init() -> tuple[World, torch.device | None]:
@@ -145,3 +229,9 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
     CrossProcessBatchNorm2d.group = dist.new_group(backend="gloo")
     return nn.parallel.DistributedDataParallel(_convert_batch_norm(model))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit("usage: python -m pipeline.train.distributed DEVICES MODULE [ARGS...]")
+    sys.exit(launch_local(int(sys.argv[1]), sys.argv[2], sys.argv[3:]))

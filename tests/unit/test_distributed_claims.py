@@ -7,6 +7,7 @@ when a spy all_reduce doubles every sum (as a second rank with the same batch wo
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -66,10 +67,36 @@ def test_under_torchrun_reads_world_size(monkeypatch):
         assert distributed.under_torchrun() is expected
 
 
-def test_torchrun_command_runs_the_module_on_n_processes_with_this_python():
+def test_torchrun_command_runs_the_module_on_n_processes_with_this_python(monkeypatch):
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
     assert distributed.torchrun_command(3, "stages.cnn", ["resnet18", "--x"]) == [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-        "-m", "stages.cnn", "resnet18", "--x"]
+        sys.executable, "-m", "pipeline.train.distributed", "3", "stages.cnn", "resnet18", "--x"]
+    monkeypatch.setenv("SLURM_NTASKS", "1")   # one Slurm task: still one machine
+    assert distributed.torchrun_command(3, "stages.cnn", [])[2] == "pipeline.train.distributed"
+
+
+def test_in_a_slurm_job_of_several_tasks_each_task_is_one_torchrun_node(monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    calls = []
+
+    def scontrol(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="gpu07\ngpu08\n")
+
+    monkeypatch.setattr(subprocess, "run", scontrol)
+    monkeypatch.setattr(distributed.shutil, "which", lambda name: f"/usr/bin/{name}")
+    command = distributed.torchrun_command(8, "stages.cnn", ["resnet18"])   # 8 processes in all
+    assert calls == [["scontrol", "show", "hostnames", "gpu[07-08]"]]
+    endpoint = next(a for a in command if a.startswith("--rdzv-endpoint="))
+    host, port = endpoint.split("=")[1].split(":")
+    assert host == "gpu07" and 0 < int(port) < 65536
+    assert command == ["/usr/bin/srun", "--ntasks=2", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run",
+                       "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", endpoint, "--rdzv-id=4242",
+                       "-m", "stages.cnn", "resnet18"]
+    with pytest.raises(distributed.StageError, match="multiple of 2"):
+        distributed.torchrun_command(3, "stages.cnn", ["resnet18"])
 
 
 def test_init_outside_torchrun_is_one_process_without_a_group(monkeypatch):
