@@ -128,11 +128,11 @@ class Mlp:
     clip_norm: Float = Field(1.0, ge=0)       # clip the global gradient norm to this (0 = no clipping)
     # Per-window normalisation: subtract the window's last value (or mean) and add it back.
     # auto: each of the others is trained and the lowest validation loss is kept.
-    window_norm: Literal["auto", "none", "last", "mean", "revin"] = "none"
+    window_norm: Literal["auto", "none", "last", "mean", "revin"] = "auto"
     optimizer: Literal["sgd", "momentum"] = "sgd"
     momentum: Float = Field(0.9, ge=0, lt=1)
     dtype: Literal["float32", "float64"] = "float32"
-    seeds: Int = Field(1, ge=1)       # seeds base.seed, base.seed+1, ...; the headline is their mean
+    seeds: Int = Field(5, ge=1)       # seeds base.seed, base.seed+1, ...; the headline is their mean
 
     @field_validator("kernel")
     @classmethod

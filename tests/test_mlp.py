@@ -1,8 +1,16 @@
 """The numpy forecaster: decomposition, hand-written gradients (finite differences, autograd), training."""
 
+import shutil
+import sys
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
+import yaml
+
+from conftest import REPO, SHARED_DATA, make_repo_copy, run, small_params
+from pipeline.errors import StageError
 
 from pipeline.gradcheck import finite_differences, relative_error
 from pipeline.models import mlp_forecaster as model
@@ -68,7 +76,8 @@ def test_fit_learns_a_predictable_series_and_keeps_the_best_weights():
                    np.lib.stride_tricks.sliding_window_view(part, 36, axis=0)[:, :, 24:].copy())
                for s, part in (("train", series[:2000]), ("val", series[2000:2500]), ("test", series[2500:]))}
     data = ForecastData.from_windows(windows, np.float32)
-    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=32, lr=0.5, epochs=4, weight_decay=0.0)
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=32, lr=0.5, epochs=4, weight_decay=0.0, window_norm="none",
+              lr_decay=0.5)
     result = fit(data, cfg, seed=0)
     mse = evaluate(result.params, data.x_test, data.y_test, cfg)["mse"]
     assert mse < 0.05, mse   # the series' variance is 0.5: the model must have learnt it
@@ -80,9 +89,32 @@ def test_divergence_is_reported_with_the_way_out():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 1, 8)) * 100
     windows = {s: (x, x[:, :, :4]) for s in ("train", "val", "test")}
-    with pytest.raises(FloatingPointError, match="lower mlp.lr"):
+    with pytest.raises(StageError, match=r"mlp@v: training diverged at epoch 1 .* lr 1000000.0; lower this variant's lr"):
         fit(ForecastData.from_windows(windows, np.float32), Mlp(input_len=8, pred_len=4, kernel=3, hidden=8,
-                                                                lr=1e6, clip_norm=0.0), seed=0)
+                                                                lr=1e6, clip_norm=0.0, window_norm="none"),
+            seed=0, label="mlp@v")
+
+
+def test_a_diverging_stage_ends_with_one_message_and_exit_2(tmp_path):
+    """The stage, as DVC runs it: the user's lr is the cause, so no traceback, exit code 2."""
+    params = small_params()
+    params["mlp"]["defaults"].update(input_len=24, pred_len=24, kernel=5, hidden=8, epochs=1, seeds=1,
+                                     window_norm="none", clip_norm=0.0)
+    params["mlp"]["variants"]["hot"] = {"lr": 1e30}
+    repo = make_repo_copy(tmp_path, params)
+    (repo / "data" / "raw").mkdir(parents=True)
+    shutil.copy(SHARED_DATA / "ETTh1.csv", repo / "data" / "raw" / "ETTh1.csv")
+    result = run([sys.executable, "-m", "stages.mlp", "hot"], repo, check=False, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "mlp@hot" in errors[0] and "lr 1e+30" in errors[0], result.stderr[-3000:]
+
+
+def test_the_schema_defaults_are_the_params_yaml_defaults():
+    """Deleting a key from params.yaml must keep the documented default, not change the experiment."""
+    documented = yaml.safe_load((REPO / "params.yaml").read_text())["mlp"]["defaults"]
+    assert asdict(Mlp()) == documented
 
 
 def test_revin_is_invariant_to_each_windows_offset_and_scale():

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline import progress
+from pipeline.errors import StageError
 from pipeline.models import mlp_forecaster as model
 from pipeline.params import Mlp
 
@@ -99,8 +100,10 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
             bar.step(loss)
         bar.close()
         if not np.isfinite(losses[-1]):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {losses[-1]}); "
-                                     f"lower mlp.lr (now {cfg.lr})")
+            # A user's params can cause this: one message with the way out (exit 2), no traceback.
+            raise StageError(f"{label}: training diverged at epoch {epoch} (loss {losses[-1]}) with lr {cfg.lr}; "
+                             f"lower this variant's lr in params.yaml (mlp.variants.<variant>.lr or "
+                             f"mlp.defaults.lr, e.g. 5x smaller) or clip gradients (mlp.defaults.clip_norm: 1.0)")
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                "valid_loss": evaluate(params, data.x_val, data.y_val, cfg)["mse"], "lr": lr}
         result.history.append(row)
