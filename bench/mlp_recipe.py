@@ -73,7 +73,7 @@ def train(data: ForecastData, cfg, seeds: list[int]) -> list:
 def tune(defaults, seed: int, only: list[str]) -> None:
     data = load("ETTh1", defaults)
     data.x_test = data.y_test = None   # tuning never sees the test split
-    val = baselines(data, "val")
+    val = baselines(data, ("val",))["val"]
     print("validation MSE, ETTh1:", ", ".join(f"{k} {v['mse']:.4f}" for k, v in val.items()))
     for name, change in CANDIDATES.items():
         if only and name not in only:
@@ -89,7 +89,7 @@ def evaluate(defaults, seeds: list[int], names: list[str]) -> None:
     print("| series | repeat-last | window mean | linear | MLP before | MLP after |")
     for name in names:
         data = load(name, defaults)
-        cells = [f"{v['mse']:.4f} / {v['mae']:.4f}" for v in baselines(data).values()]
+        cells = [f"{v['mse']:.4f} / {v['mae']:.4f}" for v in baselines(data)["test"].values()]
         for recipe in (replace(defaults, **BEFORE), defaults):
             cfg, *results = train(data, recipe, seeds)
             test = [scores(predict(r.params, data.x_test, cfg.kernel, cfg.window_norm), data.y_test) for r in results]

@@ -188,7 +188,7 @@ def _hand_data():
 
 def test_baselines_on_a_series_worked_out_by_hand():
     data, exact = _hand_data()
-    got = baselines(data)
+    got = baselines(data)["test"]
     # repeat-last [[3, 3], [1, 1]]: errors 0, -2, 1, 0 -> MSE 5/4, MAE 3/4
     assert got["repeat_last"] == pytest.approx({"mse": 1.25, "mae": 0.75})
     # window mean [[2, 2], [3, 3]]: errors -1, -3, 3, 2 -> MSE 23/4, MAE 9/4
@@ -203,7 +203,7 @@ def test_the_linear_residual_starts_from_the_linear_forecast_and_never_ends_wors
     data = _sine_data()
     cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=2, window_norm="none",
               residual="linear")
-    linear_val = baselines(data, "val")["linear"]["mse"]
+    linear_val = baselines(data, ("val",))["val"]["linear"]["mse"]
     stuck = fit(data, replace(cfg, lr=1e-12), seed=0)   # no learning: epoch 0, the linear forecast, is kept
     assert stuck.best_epoch == 0 and stuck.best_val_loss == pytest.approx(linear_val, rel=1e-5)
     assert evaluate(stuck.params, data.x_val, data.y_val, cfg)["mse"] == pytest.approx(linear_val, rel=1e-5)

@@ -64,12 +64,15 @@ def fit_linear(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(design, y.astype(np.float64), rcond=None)[0]
 
 
-def baselines(data: ForecastData, split: str = "test") -> dict[str, dict]:
-    """MSE/MAE of repeat-last, window-mean and the train-fitted linear forecast on a split's windows."""
-    x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-    preds = naive_forecasts(x, y.shape[1])
-    preds["linear"] = model.linear_forecast(fit_linear(data.x_train, data.y_train), x)
-    return {name: scores(pred, y) for name, pred in preds.items()}
+def baselines(data: ForecastData, splits: tuple[str, ...] = ("test",)) -> dict[str, dict[str, dict]]:
+    """Per split, MSE/MAE of repeat-last, window-mean and the train-fitted linear forecast (fitted once)."""
+    weights = fit_linear(data.x_train, data.y_train)
+    out = {}
+    for split in splits:
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        preds = {**naive_forecasts(x, y.shape[1]), "linear": model.linear_forecast(weights, x)}
+        out[split] = {name: scores(pred, y) for name, pred in preds.items()}
+    return out
 
 
 def evaluate(params: dict, x: np.ndarray, y: np.ndarray, cfg: Mlp) -> dict:
