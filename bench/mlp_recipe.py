@@ -90,11 +90,14 @@ def evaluate(defaults, seeds: list[int], names: list[str]) -> None:
     for name in names:
         data = load(name, defaults)
         cells = [f"{v['mse']:.4f} / {v['mae']:.4f}" for v in baselines(data)["test"].values()]
+        trained = {}
         for recipe in (replace(defaults, **BEFORE), defaults):
-            cfg, *results = train(data, recipe, seeds)
+            key = repr(recipe)   # the same recipe twice (no change adopted): trained once
+            trained[key] = trained.get(key) or train(data, recipe, seeds)
+            cfg, *results = trained[key]
             test = [scores(predict(r.params, data.x_test, cfg.kernel, cfg.window_norm), data.y_test) for r in results]
             mse, mae = np.array([t["mse"] for t in test]), np.array([t["mae"] for t in test])
-            cells.append(f"{mse.mean():.4f} ± {mse.std(ddof=1):.4f} / {mae.mean():.4f} ± {mae.std(ddof=1):.4f}")
+            cells.append(f"{mse.mean():.4f} ± {mse.std(ddof=min(1, len(seeds) - 1)):.4f} / {mae.mean():.4f} ± {mae.std(ddof=min(1, len(seeds) - 1)):.4f}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
