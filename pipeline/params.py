@@ -125,15 +125,19 @@ class Mlp:
     batch_size: Int = Field(32, ge=1)
     epochs: Int = Field(10, ge=1)
     patience: Int = Field(3, ge=1)
-    lr_decay: Float = Field(0.5, gt=0, le=1)  # learning rate multiplied by this after every epoch
+    lr_schedule: Literal["step", "cosine"] = "step"   # step: times lr_decay every epoch; cosine: lr -> 0 over epochs
+    lr_decay: Float = Field(0.5, gt=0, le=1)  # step: learning rate multiplied by this after every epoch
     clip_norm: Float = Field(1.0, ge=0)       # clip the global gradient norm to this (0 = no clipping)
     # Per-window normalisation: subtract the window's last value (or mean) and add it back.
     # auto: each of the others is trained and the lowest validation loss is kept.
-    window_norm: Literal["auto", "none", "last", "mean", "revin"] = "none"
+    window_norm: Literal["auto", "none", "last", "mean", "revin"] = "auto"
     optimizer: Literal["sgd", "momentum"] = "sgd"
     momentum: Float = Field(0.9, ge=0, lt=1)
     dtype: Literal["float32", "float64"] = "float32"
-    seeds: Int = Field(1, ge=1)       # seeds base.seed, base.seed+1, ...; the headline is their mean
+    seeds: Int = Field(5, ge=1)       # seeds base.seed, base.seed+1, ...; the headline is their mean
+    # linear: the MLPs learn the residual of the closed-form least-squares linear forecast
+    # (fitted on the train windows), starting from it; none: the MLPs forecast on their own.
+    residual: Literal["none", "linear"] = "none"
 
     @field_validator("kernel")
     @classmethod
@@ -141,6 +145,15 @@ class Mlp:
         if kernel % 2 == 0:
             raise ValueError(f"{kernel} must be odd")
         return kernel
+
+    @field_validator("residual")
+    @classmethod
+    def _residual_needs_raw_windows(cls, residual: str, info) -> str:
+        # The linear forecast already follows each window's level; a per-window offset added back
+        # on top of it would count the level twice.
+        if residual == "linear" and info.data.get("window_norm") != "none":
+            raise ValueError("residual: linear needs window_norm: none (the linear forecast follows the level)")
+        return residual
 
 
 @dataclass(config=CONFIG)

@@ -22,7 +22,7 @@ from pipeline.outputs import write_csv, write_json
 from pipeline.paths import METRICS, MODELS, ett_csv
 from pipeline.runtime import run_stage, seed_everything
 from pipeline.tracking import Tracker
-from pipeline.train.forecaster import ForecastData, fit, fit_auto, scores
+from pipeline.train.forecaster import ForecastData, baselines, fit, fit_auto, scores
 
 
 def main(argv):
@@ -74,12 +74,18 @@ def main(argv):
         # The headline (git-tracked, in `dvc exp show`): the seed means and spreads; the rest apart.
         metrics = {"test_mse": float(mse.mean()), "test_mae": float(mae.mean()),
                    "test_mse_std": float(mse.std(ddof=ddof)), "test_mae_std": float(mae.std(ddof=ddof))}
+        # The naive forecasts of the same test windows: skill = MSE / the best naive MSE (< 1: better).
+        naive_splits = baselines(data, ("test", "val"))
+        naive = naive_splits["test"]
+        metrics.update({f"{name}_{k}": v[k] for name, v in naive.items() for k in ("mse", "mae")})
+        metrics["skill"] = metrics["test_mse"] / min(naive["repeat_last"]["mse"], naive["window_mean"]["mse"])
         details = {"best_val_loss": float(np.mean([r.best_val_loss for r in results.values()])),
                    "best_epoch": first.best_epoch, "epochs_run": len(first.history),
                    "n_test_windows": n_test_windows, "n_seeds": len(seeds),
                    "window_norm": chosen,
                    "window_norm_val_loss": {norm: r.best_val_loss for norm, r in candidates.items()},
                    "per_seed": per_seed,
+                   "baselines_val": naive_splits["val"],
                    "dataset": name, "data_sha256": sha256, "data_pinned": bool(pin)}
         trained = [*candidates.values(), *(results[s] for s in seeds[1:])]   # every fit, once
         timing = {"train_seconds": round(sum(r.seconds for r in trained), 2)}

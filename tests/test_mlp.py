@@ -1,13 +1,24 @@
 """The numpy forecaster: decomposition, hand-written gradients (finite differences, autograd), training."""
 
+import shutil
+import sys
+import json
+from dataclasses import asdict, replace
+
 import numpy as np
 import pytest
 import torch
+import yaml
+
+from conftest import REPO, SHARED_DATA, make_repo_copy, run, small_params
+from pipeline.errors import StageError
 
 from pipeline.gradcheck import finite_differences, relative_error
 from pipeline.models import mlp_forecaster as model
 from pipeline.params import Mlp
-from pipeline.train.forecaster import NORMALISATIONS, ForecastData, evaluate, fit, fit_auto
+from pipeline.data import ett
+from pipeline.train.forecaster import NORMALISATIONS, ForecastData, baselines, evaluate, fit, fit_auto, \
+    learning_rate
 
 
 def test_moving_average_matches_a_naive_edge_padded_loop():
@@ -68,7 +79,8 @@ def test_fit_learns_a_predictable_series_and_keeps_the_best_weights():
                    np.lib.stride_tricks.sliding_window_view(part, 36, axis=0)[:, :, 24:].copy())
                for s, part in (("train", series[:2000]), ("val", series[2000:2500]), ("test", series[2500:]))}
     data = ForecastData.from_windows(windows, np.float32)
-    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=32, lr=0.5, epochs=4, weight_decay=0.0)
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=32, lr=0.5, epochs=4, weight_decay=0.0, window_norm="none",
+              lr_decay=0.5)
     result = fit(data, cfg, seed=0)
     mse = evaluate(result.params, data.x_test, data.y_test, cfg)["mse"]
     assert mse < 0.05, mse   # the series' variance is 0.5: the model must have learnt it
@@ -80,9 +92,32 @@ def test_divergence_is_reported_with_the_way_out():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 1, 8)) * 100
     windows = {s: (x, x[:, :, :4]) for s in ("train", "val", "test")}
-    with pytest.raises(FloatingPointError, match="lower mlp.lr"):
+    with pytest.raises(StageError, match=r"mlp@v: training diverged at epoch 1 .* lr 1000000.0; lower this variant's lr"):
         fit(ForecastData.from_windows(windows, np.float32), Mlp(input_len=8, pred_len=4, kernel=3, hidden=8,
-                                                                lr=1e6, clip_norm=0.0), seed=0)
+                                                                lr=1e6, clip_norm=0.0, window_norm="none"),
+            seed=0, label="mlp@v")
+
+
+def test_a_diverging_stage_ends_with_one_message_and_exit_2(tmp_path):
+    """The stage, as DVC runs it: the user's lr is the cause, so no traceback, exit code 2."""
+    params = small_params()
+    params["mlp"]["defaults"].update(input_len=24, pred_len=24, kernel=5, hidden=8, epochs=1, seeds=1,
+                                     window_norm="none", clip_norm=0.0)
+    params["mlp"]["variants"]["hot"] = {"lr": 1e30}
+    repo = make_repo_copy(tmp_path, params)
+    (repo / "data" / "raw").mkdir(parents=True)
+    shutil.copy(SHARED_DATA / "ETTh1.csv", repo / "data" / "raw" / "ETTh1.csv")
+    result = run([sys.executable, "-m", "stages.mlp", "hot"], repo, check=False, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "mlp@hot" in errors[0] and "lr 1e+30" in errors[0], result.stderr[-3000:]
+
+
+def test_the_schema_defaults_are_the_params_yaml_defaults():
+    """Deleting a key from params.yaml must keep the documented default, not change the experiment."""
+    documented = yaml.safe_load((REPO / "params.yaml").read_text())["mlp"]["defaults"]
+    assert asdict(Mlp()) == documented
 
 
 def test_revin_is_invariant_to_each_windows_offset_and_scale():
@@ -139,3 +174,74 @@ def test_a_fixed_window_norm_trains_only_that_one():
     cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=8, epochs=1, window_norm="revin")
     chosen, results = fit_auto(data, cfg, seed=0)
     assert chosen == "revin" and list(results) == ["revin"]
+
+
+def _hand_data():
+    """Two test rows (L=3, P=2) whose naive forecasts are worked out by hand below."""
+    rng = np.random.default_rng(0)
+    x_train = rng.normal(size=(20, 3))
+    exact = lambda x: np.stack([x.sum(1), x[:, 0] - x[:, 2] + 1], 1)   # noqa: E731  a linear map plus bias
+    x_test = np.array([[1.0, 2.0, 3.0], [4.0, 4.0, 1.0]])
+    y_test = np.array([[3.0, 5.0], [0.0, 1.0]])
+    return ForecastData(x_train, exact(x_train), x_train, exact(x_train), x_test, y_test, n_channels=1), exact
+
+
+def test_baselines_on_a_series_worked_out_by_hand():
+    data, exact = _hand_data()
+    got = baselines(data)["test"]
+    # repeat-last [[3, 3], [1, 1]]: errors 0, -2, 1, 0 -> MSE 5/4, MAE 3/4
+    assert got["repeat_last"] == pytest.approx({"mse": 1.25, "mae": 0.75})
+    # window mean [[2, 2], [3, 3]]: errors -1, -3, 3, 2 -> MSE 23/4, MAE 9/4
+    assert got["window_mean"] == pytest.approx({"mse": 5.75, "mae": 2.25})
+    # least squares recovers the exact linear map from the train rows: its test error is that map's
+    err = exact(data.x_test) - data.y_test   # [[6, -1], [9, 4]] - y = [[3, -6], [9, 3]]
+    assert got["linear"] == pytest.approx({"mse": float(np.mean(err ** 2)), "mae": float(np.mean(abs(err)))})
+    assert got["linear"] == pytest.approx({"mse": (9 + 36 + 81 + 9) / 4, "mae": (3 + 6 + 9 + 3) / 4})
+
+
+def test_the_linear_residual_starts_from_the_linear_forecast_and_never_ends_worse_on_validation():
+    data = _sine_data()
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=2, window_norm="none",
+              residual="linear")
+    linear_val = baselines(data, ("val",))["val"]["linear"]["mse"]
+    stuck = fit(data, replace(cfg, lr=1e-12), seed=0)   # no learning: epoch 0, the linear forecast, is kept
+    assert stuck.best_epoch == 0 and stuck.best_val_loss == pytest.approx(linear_val, rel=1e-5)
+    assert evaluate(stuck.params, data.x_val, data.y_val, cfg)["mse"] == pytest.approx(linear_val, rel=1e-5)
+    assert fit(data, cfg, seed=0).best_val_loss <= stuck.best_val_loss
+
+
+def test_residual_linear_refuses_a_window_normalisation():
+    with pytest.raises(ValueError, match="residual: linear needs window_norm: none"):
+        Mlp(window_norm="last", residual="linear")
+
+
+def test_the_cosine_schedule_anneals_from_lr_towards_zero():
+    cfg = Mlp(lr=2.0, epochs=4, lr_schedule="cosine")
+    assert [learning_rate(cfg, e) for e in (1, 2, 3, 4)] == pytest.approx([2.0, 2.0 * (0.5 + 0.5 ** 1.5), 1.0,
+                                                                           2.0 * (0.5 - 0.5 ** 1.5)])
+    assert [learning_rate(replace(cfg, lr_schedule="step"), e) for e in (1, 2, 3)] == [2.0, 1.0, 0.5]
+
+
+def test_the_stage_headline_holds_the_naive_baselines_of_its_test_windows(tmp_path):
+    """metrics/mlp/<variant>.json (what `dvc exp show` lists) and MLflow hold the baselines."""
+    params = small_params()
+    params["mlp"]["defaults"].update(input_len=24, pred_len=24, kernel=5, hidden=8, epochs=1, seeds=1,
+                                     window_norm="none")
+    repo = make_repo_copy(tmp_path, params)
+    (repo / "data" / "raw").mkdir(parents=True)
+    shutil.copy(SHARED_DATA / "ETTh1.csv", repo / "data" / "raw" / "ETTh1.csv")
+    run([sys.executable, "-m", "stages.mlp", "default"], repo, timeout=900)
+    headline = json.loads((repo / "metrics" / "mlp" / "default.json").read_text())
+    splits = ett.standardised_splits(ett.load_csv(SHARED_DATA / "ETTh1.csv"), "ETTh1", 24, pred_len=24)
+    x, y = (a.reshape(-1, 24) for a in ett.windows(splits.test, 24, 24))
+    last = np.mean((x[:, -1:] - y) ** 2)
+    mean = np.mean((x.mean(1, keepdims=True) - y) ** 2)
+    assert headline["repeat_last_mse"] == pytest.approx(last, rel=1e-5)
+    assert headline["window_mean_mse"] == pytest.approx(mean, rel=1e-5)
+    assert headline["skill"] == pytest.approx(headline["test_mse"] / min(last, mean), rel=1e-5)
+    assert {"linear_mse", "linear_mae", "repeat_last_mae", "window_mean_mae"} <= set(headline)
+    import mlflow
+    from pipeline.tracking import EXPERIMENTS
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    run_metrics = mlflow.search_runs(experiment_names=[EXPERIMENTS["mlp"]]).iloc[0]
+    assert run_metrics["metrics.repeat_last_mse"] == pytest.approx(last, rel=1e-5)

@@ -60,7 +60,21 @@ def _decomposed_mlps(params: dict, x: np.ndarray, kernel: int, cache: dict):
     return out
 
 
+def linear_forecast(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[x, 1] @ W: the least-squares linear forecast (W is (L+1, P), fitted in closed form)."""
+    return (x @ weights[:-1] + weights[-1]).astype(x.dtype, copy=False)
+
+
 def forward(params: dict, x: np.ndarray, kernel: int, window_norm: str = "none"):
+    """Prediction and cache; with a fixed linear forecast in params (lin_w, residual: linear) the
+    MLPs add to it (lin_w is not trained, so backward has no gradient for it)."""
+    pred, cache = _forward(params, x, kernel, window_norm)
+    if "lin_w" in params:
+        pred = pred + linear_forecast(params["lin_w"], x)
+    return pred, cache
+
+
+def _forward(params: dict, x: np.ndarray, kernel: int, window_norm: str = "none"):
     """Prediction (rows, P) and the cache the backward pass needs.
 
     revin (Kim et al., 2022): each row is standardised by its own mean/std, then mapped by a learnt

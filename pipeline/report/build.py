@@ -36,6 +36,11 @@ CNN_HEADLINE = ("test_auc", "test_acc")
 CNN_DETAILS = ("best_epoch",)
 
 
+def _skill(values: dict) -> str:
+    """The MSE relative to the best naive forecast, as the MLP stage writes it."""
+    return f"{values['skill']:.3f}" if isinstance(values.get("skill"), (int, float)) else "n/a"
+
+
 class MissingResults(RuntimeError):
     """Some experiments have no metrics file (partial `dvc repro`)."""
 
@@ -183,10 +188,18 @@ class Report:
                  "`seeds` training seeds; `window_norm` is the per-window normalisation chosen on validation. "
                  + (f"References ({refs['dataset']}): {refs['source']}; Δ = our mean − reference." if has_refs else
                     f"No reference values exist for {ett.name}: our numbers alone."), "")
+        naive = next((values for values, _ in results.values() if values and "repeat_last_mse" in values), None)
+        self.add("skill = the model's test MSE / the best naive forecast's (repeat-last or window mean) on the "
+                 "same windows: below 1 the model beats both."
+                 + (" Baselines on the test windows (MSE / MAE): " + "; ".join(
+                     f"{label} {naive[f'{key}_mse']:.4f} / {naive[f'{key}_mae']:.4f}"
+                     for key, label in (("repeat_last", "repeat-last"), ("window_mean", "window mean"),
+                                        ("linear", "least-squares linear")) if f"{key}_mse" in naive) + "."
+                    if naive else ""), "")
         ours = "our " if has_refs else ""
         for title, key in (("Table 1: learning rate", "learning_rate"), ("Table 2: hidden size", "hidden_size")):
             head = ["variant", "our lr / hidden", "assignment setting", "seeds", "window_norm", f"{ours}MSE",
-                    f"{ours}MAE"] + (["ref MSE", "ref MAE", "ΔMSE", "ΔMAE"] if has_refs else []) + \
+                    f"{ours}MAE", "skill"] + (["ref MSE", "ref MAE", "ΔMSE", "ΔMAE"] if has_refs else []) + \
                    ["test windows", "MLflow run"]
             self.add(f"### {title} on {ett.name}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|")
             for variant, ref in refs[key].items():
@@ -197,7 +210,7 @@ class Report:
                 cells = [f"mlp@{variant}{self.mark(run, ett.name + ' ')}", f"{cfg.lr:g} / {cfg.hidden}", ref["label"],
                          str(v.get("n_seeds", "n/a")), str(v.get("window_norm", "n/a")),
                          _spread(v.get("test_mse"), v.get("test_mse_std")),
-                         _spread(v.get("test_mae"), v.get("test_mae_std"))]
+                         _spread(v.get("test_mae"), v.get("test_mae_std")), _skill(v)]
                 if has_refs:
                     cells += [f"{ref['mse']:.4f}", f"{ref['mae']:.4f}", _diff(v.get("test_mse"), ref["mse"]),
                               _diff(v.get("test_mae"), ref["mae"])]
@@ -206,14 +219,15 @@ class Report:
             self.add("")
         others = [v for v in variants if v not in refs["learning_rate"] and v not in refs["hidden_size"]]
         if others:
-            self.add("Other variants (see params.yaml):", "", "| variant | seeds | window_norm | MSE | MAE | "
-                     "best epoch | seconds | MLflow run |", "|---" * 8 + "|")
+            self.add("Other variants (see params.yaml):", "", "| variant | seeds | window_norm | MSE | MAE | skill | "
+                     "best epoch | seconds | MLflow run |", "|---" * 9 + "|")
             for variant in others:
                 values, run = results[variant]
                 v = values or {}
                 self.add(f"| mlp@{variant}{self.mark(run, ett.name + ' ')} | {v.get('n_seeds', 'n/a')} | {v.get('window_norm', 'n/a')} | "
                          f"{_spread(v.get('test_mse'), v.get('test_mse_std'))} | "
-                         f"{_spread(v.get('test_mae'), v.get('test_mae_std'))} | {v.get('best_epoch', 'n/a')} | "
+                         f"{_spread(v.get('test_mae'), v.get('test_mae_std'))} | {_skill(v)} | "
+                         f"{v.get('best_epoch', 'n/a')} | "
                          f"{v.get('train_seconds', 'n/a')} | {self.run_link(run)} |")
             self.add("")
         losses = {v: (values or {}).get("window_norm_val_loss") for v, (values, _) in results.items()}

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline import progress
+from pipeline.errors import StageError
 from pipeline.models import mlp_forecaster as model
 from pipeline.params import Mlp
 
@@ -51,8 +52,39 @@ def scores(pred: np.ndarray, y: np.ndarray) -> dict:
     return {"mse": float(np.mean(err ** 2)), "mae": float(np.mean(np.abs(err)))}
 
 
+def naive_forecasts(x: np.ndarray, pred_len: int) -> dict[str, np.ndarray]:
+    """The trivial forecasts of rows x (rows, L): repeat the last value, or the window's mean."""
+    return {"repeat_last": np.repeat(x[:, -1:], pred_len, axis=1),
+            "window_mean": np.repeat(x.mean(axis=1, keepdims=True), pred_len, axis=1)}
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Closed-form least squares y ~ [x, 1] @ W over the (window, channel) rows; W is (L+1, P)."""
+    design = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
+    return np.linalg.lstsq(design, y.astype(np.float64), rcond=None)[0]
+
+
+def baselines(data: ForecastData, splits: tuple[str, ...] = ("test",)) -> dict[str, dict[str, dict]]:
+    """Per split, MSE/MAE of repeat-last, window-mean and the train-fitted linear forecast (fitted once)."""
+    weights = fit_linear(data.x_train, data.y_train)
+    out = {}
+    for split in splits:
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        preds = {**naive_forecasts(x, y.shape[1]), "linear": model.linear_forecast(weights, x)}
+        out[split] = {name: scores(pred, y) for name, pred in preds.items()}
+    return out
+
+
 def evaluate(params: dict, x: np.ndarray, y: np.ndarray, cfg: Mlp) -> dict:
     return scores(model.predict(params, x, cfg.kernel, cfg.window_norm), y)
+
+
+def learning_rate(cfg: Mlp, epoch: int) -> float:
+    """The lr of an epoch (1-based): step multiplies it by lr_decay after every epoch; cosine
+    anneals it from lr towards 0 over `epochs` (the value at each epoch's start)."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + np.cos(np.pi * (epoch - 1) / cfg.epochs))
+    return cfg.lr * cfg.lr_decay ** (epoch - 1)
 
 
 def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None] | None = None,
@@ -64,12 +96,21 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
     params = model.init_params(cfg.input_len, cfg.hidden, cfg.pred_len, rng, dtype)
     if cfg.window_norm == "revin":
         params.update(model.init_revin(data.n_channels, dtype))
-    velocity = {k: np.zeros_like(v) for k, v in params.items()}
     result = FitResult(params={k: v.copy() for k, v in params.items()})
+    if cfg.residual == "linear":
+        # The MLPs learn what the linear forecast misses: they start at zero output, so "epoch 0"
+        # is the linear forecast itself and early stopping can never end worse than it on validation.
+        params["lin_w"] = fit_linear(data.x_train, data.y_train).astype(dtype)
+        params["s_w2"][:] = 0
+        params["t_w2"][:] = 0
+        result.params = {k: v.copy() for k, v in params.items()}
+        result.best_val_loss = evaluate(params, data.x_val, data.y_val, cfg)["mse"]
+    velocity = {k: np.zeros_like(v) for k, v in params.items()}
     n_windows = len(data.x_train) // data.n_channels
     channel_offsets = np.arange(data.n_channels)
-    lr, stale, start = cfg.lr, 0, time.perf_counter()
+    stale, start = 0, time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
+        lr = learning_rate(cfg, epoch)
         order = rng.permutation(n_windows)
         losses = []
         epoch_start = time.perf_counter()
@@ -99,8 +140,10 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
             bar.step(loss)
         bar.close()
         if not np.isfinite(losses[-1]):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {losses[-1]}); "
-                                     f"lower mlp.lr (now {cfg.lr})")
+            # A user's params can cause this: one message with the way out (exit 2), no traceback.
+            raise StageError(f"{label}: training diverged at epoch {epoch} (loss {losses[-1]}) with lr {cfg.lr}; "
+                             f"lower this variant's lr in params.yaml (mlp.variants.<variant>.lr or "
+                             f"mlp.defaults.lr, e.g. 5x smaller) or clip gradients (mlp.defaults.clip_norm: 1.0)")
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                "valid_loss": evaluate(params, data.x_val, data.y_val, cfg)["mse"], "lr": lr}
         result.history.append(row)
@@ -115,7 +158,6 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
             stale += 1
             if stale >= cfg.patience:
                 break
-        lr *= cfg.lr_decay
     result.seconds = time.perf_counter() - start
     return result
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.errors import StageError
 from pipeline.models import mlp_forecaster as model
 from pipeline.params import Mlp
 from pipeline.train import forecaster
@@ -164,7 +165,7 @@ def test_batches_hold_whole_windows_with_all_their_channels():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_divergence_names_the_lr_param():
-    with pytest.raises(FloatingPointError, match=r"diverged at epoch 1 .*lower mlp.lr \(now 1e\+150\)"):
+    with pytest.raises(StageError, match=r"diverged at epoch 1 .*with lr 1e\+150; lower this variant's lr"):
         forecaster.fit(_data(), _cfg(lr=1e150), seed=0)
 
 

@@ -45,7 +45,10 @@ def workspace(tmp_path, monkeypatch):
     params = _repo_params()
     for i, variant in enumerate(params.mlp_variants()):
         _write(f"metrics/mlp/{variant}.json", {"test_mse": 0.4 + i / 100 + 1e-5, "test_mae": 0.43 + i / 1000,
-                                              "test_mse_std": 0.002 + i / 1000, "test_mae_std": 0.003 + i / 1000})
+                                              "test_mse_std": 0.002 + i / 1000, "test_mae_std": 0.003 + i / 1000,
+                                              "repeat_last_mse": 1.3249, "repeat_last_mae": 0.7331,
+                                              "window_mean_mse": 0.7183, "window_mean_mae": 0.5705,
+                                              "linear_mse": 0.4318, "linear_mae": 0.4243, "skill": 0.6 + i / 100})
         _write(f"metrics/mlp/{variant}.details.json", {
             "n_test_windows": 2689, "best_epoch": i + 1, "n_seeds": 5, "window_norm": "revin" if i % 2 else "none",
             "window_norm_val_loss": {"none": 0.9 + i / 100, "last": 0.95, "mean": 0.97, "revin": 0.91}})
@@ -269,7 +272,7 @@ def _lines_after(text: str, heading: str) -> list[str]:
     return lines[lines.index(heading) + 1:]
 
 
-MLP_HEAD = ["variant", "our lr / hidden", "assignment setting", "seeds", "window_norm", "our MSE", "our MAE",
+MLP_HEAD = ["variant", "our lr / hidden", "assignment setting", "seeds", "window_norm", "our MSE", "our MAE", "skill",
             "ref MSE", "ref MAE", "ΔMSE", "ΔMAE", "test windows", "MLflow run"]
 
 
@@ -283,10 +286,19 @@ def test_mlp_table_columns_come_in_this_order_with_a_separator_per_column(worksp
     for variant in workspace.mlp_variants():
         _write(f"metrics/mlp/{variant}.run.json", {"data_source": "ETTh2 (real)"})
     after = _lines_after(build.Report(other).build("abc1234"), "### Table 2: hidden size on ETTh2")
-    head = ["variant", "our lr / hidden", "assignment setting", "seeds", "window_norm", "MSE", "MAE",
+    head = ["variant", "our lr / hidden", "assignment setting", "seeds", "window_norm", "MSE", "MAE", "skill",
             "test windows", "MLflow run"]
     assert after[1:3] == ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     assert [line.split(" | ")[0] for line in after[3:6]] == ["| mlp@default", "| mlp@h1024", "| mlp@h2048"]
+
+
+def test_part_2_states_the_naive_baselines_and_each_rows_skill(workspace):
+    text = build.Report(workspace).build("abc1234")
+    assert ("Baselines on the test windows (MSE / MAE): repeat-last 1.3249 / 0.7331; window mean 0.7183 / 0.5705; "
+            "least-squares linear 0.4318 / 0.4243.") in text
+    for table in ("Table 1", "Table 2"):
+        for name, row in _table(text, table)[1].items():
+            assert row["skill"] == f"{_read(f'metrics/mlp/{name[4:]}.json')['skill']:.3f}"
 
 
 def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_run_link(workspace, monkeypatch):
@@ -300,7 +312,7 @@ def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_r
     row = next(line for line in _lines_after(text, "### Table 2: hidden size on ETTh1") if line.startswith("| mlp@h1024"))
     assert row == ("| mlp@h1024 | " + f"{cfg.lr:g} / 1024 | hidden 1024 | 5 | revin | "
                    f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f} | "
-                   f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | "
+                   f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | {values['skill']:.3f} | "
                    f"{ref['mse']:.4f} | {ref['mae']:.4f} | {values['test_mse'] - ref['mse']:+.4f} | "
                    f"{values['test_mae'] - ref['mae']:+.4f} | 2689 | "
                    "[`01234567`](http://ui.example:5000/#/experiments/3/runs/0123456789abcdef0123456789abcdef) |")
@@ -313,6 +325,7 @@ def test_a_missing_mlp_file_leaves_n_a_in_every_cell_that_would_come_from_it(wor
     text = build.Report(workspace).build("abc1234")
     row = _table(text, "Table 2")[1]["mlp@h2048"]
     ref = REFS["mlp"]["hidden_size"]["h2048"]
+    assert row["skill"] == "n/a"
     assert [row[c] for c in ("seeds", "window_norm", "our MSE", "our MAE", "ref MSE", "ref MAE", "ΔMSE", "ΔMAE",
                              "test windows", "MLflow run")] == [
         "n/a", "n/a", "n/a", "n/a", f"{ref['mse']:.4f}", f"{ref['mae']:.4f}", "n/a", "n/a", "n/a", "no MLflow run"]
@@ -337,10 +350,12 @@ def test_the_other_variants_table_holds_only_the_variants_outside_tables_1_and_2
     after = _lines_after(text, "Other variants (see params.yaml):")
     values = {**_read("metrics/mlp/assignment.json"), **_read("metrics/mlp/assignment.details.json")}
     assert after[:5] == [
-        "", "| variant | seeds | window_norm | MSE | MAE | best epoch | seconds | MLflow run |", "|---" * 8 + "|",
+        "", "| variant | seeds | window_norm | MSE | MAE | skill | best epoch | seconds | MLflow run |",
+        "|---" * 9 + "|",
         f"| mlp@assignment ⚠ synthetic | 5 | {values['window_norm']} | "
         f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f} | "
-        f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | {values['best_epoch']} | 12.5 | no MLflow run |", ""]
+        f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | {values['skill']:.3f} | "
+        f"{values['best_epoch']} | 12.5 | no MLflow run |", ""]
     params = _parse(lambda raw: raw["mlp"]["variants"].pop("assignment"))
     assert "Other variants" not in build.Report(params).build("abc1234")
 
@@ -454,7 +469,7 @@ def test_a_missing_file_leaves_n_a_in_the_other_variants_and_cnn_rows_too(worksp
                  "metrics/cnn/steplr.details.json"):
         Path(path).unlink()
     text = build.Report(workspace).build("abc1234")
-    assert "| mlp@assignment | n/a | n/a | n/a | n/a | n/a | n/a | no MLflow run |" in text.split("\n")
+    assert "| mlp@assignment | n/a | n/a | n/a | n/a | n/a | n/a | n/a | no MLflow run |" in text.split("\n")
     ref = REFS["cnn"]["strategies"]["steplr"]
     assert list(_table(text, "Table 3")[1]["steplr"].values()) == [
         "steplr", ref["label"], "n/a", "n/a", f"{ref['auc']:.3f}", f"{ref['acc']:.3f}", "n/a", "n/a", "n/a", "n/a",
@@ -490,7 +505,7 @@ def test_every_heading_table_and_paragraph_stands_apart_in_this_order(workspace)
     assert _skeleton(text) == [
         "# Deep-learning assignment, reproduced", "", ">", "", "-", "-", "-", "-", "-", "-", "",
         "## Part 1: backpropagation, made executable", "", "text", "", "|||", "", "text", "",
-        "## Part 2: MLP forecaster on ETTh1 (numpy, hand-written backprop)", "", "text", "",
+        "## Part 2: MLP forecaster on ETTh1 (numpy, hand-written backprop)", "", "text", "", "text", "",
         "### Table 1: learning rate on ETTh1", "", "|||||", "", "### Table 2: hidden size on ETTh1", "", "|||||", "",
         "text", "", "|||", "", "text", "", "-", "-", "-", "-", "-", "-", "", "text", "",
         "### Loss curves", "", "text", "", "", "### Test predictions (ETTh1, OT channel, default variant)", "", "",

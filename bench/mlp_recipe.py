@@ -1,0 +1,121 @@
+"""Part 2's recipe, reproducibly: the choices tuned on ETTh1's validation split, then the chosen
+recipe run unchanged on generated series (issue 22).
+
+    python -m bench.mlp_recipe tune                 # validation MSE of each candidate (ETTh1, first seed)
+    python -m bench.mlp_recipe evaluate --seeds 5   # test MSE/MAE per series: baselines, MLP before / after
+
+The "after" recipe is params.yaml's mlp.defaults as it is now; "before" is the recipe this issue
+replaced (BEFORE below). The test split is read only by `evaluate`, never by `tune`.
+Series: ETTh1 (the real file, $DATA_MIRROR or /work/shared/data), a Gaussian random walk, and a
+trend plus daily seasonality plus noise (3 channels, 6000 hourly steps, fixed seeds; the 70/10/20
+split of a custom CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import params as P
+from pipeline.data import ett
+from pipeline.train.forecaster import ForecastData, baselines, fit, fit_auto, scores
+from pipeline.models.mlp_forecaster import predict
+
+# The defaults before issue 22: lr halved every epoch, 10 epochs, window_norm auto, no residual.
+BEFORE = dict(lr=2.0, weight_decay=0.001, epochs=10, patience=3, lr_schedule="step", lr_decay=0.5,
+              window_norm="auto", residual="none")
+# Candidates tried on ETTh1's validation split (first seed); each changes the "before" recipe.
+CANDIDATES = {
+    "before (auto norm)": {},
+    "residual linear, step 0.5": dict(window_norm="none", residual="linear"),
+    "residual linear, cosine": dict(window_norm="none", residual="linear", lr_schedule="cosine"),
+    "residual linear, cosine, lr 0.4": dict(window_norm="none", residual="linear", lr_schedule="cosine", lr=0.4),
+}
+
+
+def series(name: str) -> tuple[pd.DataFrame, str]:
+    """(frame with a date column, split name): ETTh1's name selects the ETT split."""
+    if name == "ETTh1":
+        mirror = Path(os.environ.get("DATA_MIRROR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+        return ett.load_csv(mirror / "ETTh1.csv"), "ETTh1"
+    rng = np.random.default_rng({"random_walk": 1, "trend_season": 2}[name])
+    n, t = 6000, np.arange(6000)[:, None]
+    if name == "random_walk":
+        values = np.cumsum(rng.normal(size=(n, 3)), axis=0)
+    else:
+        values = 0.002 * t * np.array([1.0, -0.5, 2.0]) + np.sin(2 * np.pi * t / 24 + np.array([0, 1, 2])) \
+            + 0.3 * rng.normal(size=(n, 3))
+    frame = pd.DataFrame(values, columns=["a", "b", "OT"])
+    frame.insert(0, "date", pd.date_range("2020-01-01", periods=n, freq="h").astype(str))
+    return frame, name
+
+
+def load(name: str, cfg) -> ForecastData:
+    frame, split_name = series(name)
+    splits = ett.standardised_splits(frame, split_name, cfg.input_len, pred_len=cfg.pred_len)
+    windows = {s: ett.windows(getattr(splits, s), cfg.input_len, cfg.pred_len) for s in ("train", "val", "test")}
+    return ForecastData.from_windows(windows, np.dtype(cfg.dtype))
+
+
+def train(data: ForecastData, cfg, seeds: list[int]) -> list:
+    """As the stage does: auto chooses the normalisation on the first seed, the others train it."""
+    chosen, candidates = fit_auto(data, cfg, seeds[0], label="bench")
+    chosen_cfg = replace(cfg, window_norm=chosen)
+    return [chosen_cfg, candidates[chosen], *(fit(data, chosen_cfg, s, label=f"bench seed {s}") for s in seeds[1:])]
+
+
+def tune(defaults, seed: int, only: list[str]) -> None:
+    data = load("ETTh1", defaults)
+    data.x_test = data.y_test = None   # tuning never sees the test split
+    val = baselines(data, ("val",))["val"]
+    print("validation MSE, ETTh1:", ", ".join(f"{k} {v['mse']:.4f}" for k, v in val.items()))
+    for name, change in CANDIDATES.items():
+        if only and name not in only:
+            continue
+        cfg = replace(defaults, **{**BEFORE, **change})
+        start = time.process_time()
+        chosen_cfg, result, *_ = train(data, cfg, [seed])
+        print(f"| {name} | {result.best_val_loss:.4f} | {chosen_cfg.window_norm} | {result.best_epoch} "
+              f"| {time.process_time() - start:.0f} |", flush=True)
+
+
+def evaluate(defaults, seeds: list[int], names: list[str]) -> None:
+    print("| series | repeat-last | window mean | linear | MLP before | MLP after |")
+    for name in names:
+        data = load(name, defaults)
+        cells = [f"{v['mse']:.4f} / {v['mae']:.4f}" for v in baselines(data)["test"].values()]
+        trained = {}
+        for recipe in (replace(defaults, **BEFORE), defaults):
+            key = repr(recipe)   # the same recipe twice (no change adopted): trained once
+            trained[key] = trained.get(key) or train(data, recipe, seeds)
+            cfg, *results = trained[key]
+            test = [scores(predict(r.params, data.x_test, cfg.kernel, cfg.window_norm), data.y_test) for r in results]
+            mse, mae = np.array([t["mse"] for t in test]), np.array([t["mae"] for t in test])
+            cells.append(f"{mse.mean():.4f} ± {mse.std(ddof=min(1, len(seeds) - 1)):.4f} / {mae.mean():.4f} ± {mae.std(ddof=min(1, len(seeds) - 1)):.4f}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["tune", "evaluate"])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--candidates", nargs="*", default=[], help="tune: only these (default: all)")
+    parser.add_argument("--series", nargs="*", default=["ETTh1", "random_walk", "trend_season"])
+    args = parser.parse_args(argv)
+    params = P.load()
+    defaults = params.mlp.defaults
+    if args.what == "tune":
+        tune(defaults, params.base.seed, args.candidates)
+    else:
+        evaluate(defaults, [params.base.seed + i for i in range(args.seeds)], args.series)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
