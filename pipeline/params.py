@@ -56,7 +56,9 @@ class EttData:
     # Download address; {name} is replaced by the dataset name.
     url: Str = "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/{name}.csv"
     # sha256 per file name; a name without a pin is accepted with a printed warning.
-    pins: dict[Str, Sha256] = Field(default_factory=dict)
+    pins: dict[Str, Sha256] = Field(default_factory=lambda: {
+        "ETTh1": "f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf01c1cd6d29695ee066",
+        "ETTh2": "a3dc2c597b9218c7ce1cd55eb77b283fd459a1d09d753063f944967dd6b9218b"})
     target: Str = "OT"        # the target column
 
 

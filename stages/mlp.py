@@ -16,7 +16,6 @@ import numpy as np
 
 from pipeline import figures, params as P
 from pipeline.data import ett
-from pipeline.data.fetch import file_digest
 from pipeline.models.mlp_forecaster import predict
 from pipeline.outputs import write_csv, write_json
 from pipeline.paths import METRICS, MODELS, ett_csv
@@ -32,7 +31,7 @@ def main(argv):
     name, target = params.data.ett.name, params.data.ett.target
     csv = ett_csv(name)
     frame = ett.load_csv(csv, target)   # first: a clear error when the file is missing or malformed
-    sha256, pin = file_digest(csv), params.data.ett.pins.get(name, "")
+    sha256, pin = ett.check_pin(csv, name, params.data.ett.pins)   # an edited pinned file is refused
     if not pin:
         print(f"WARNING: data.ett.pins has no sha256 for {name}; using {csv} unverified "
               f"(sha256 {sha256}, recorded in the metrics).")
