@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.errors import DataError, StageError
+from pipeline.errors import DISK_FULL, DataError, StageError, disk_full_message, redact
 from pipeline.params import ParamsError
 
 
@@ -30,11 +30,22 @@ def run_stage(main: Callable[[list[str]], None]) -> None:
     try:
         main(sys.argv[1:])
     except (ParamsError, DataError, StageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(error))
+    except FloatingPointError as error:   # a safety net: the trainers convert divergence where it happens
+        _fail(f"training diverged ({error}): the loss or weights became inf/NaN. Lower the learning rate "
+              "(or check the data for extreme values) and re-run the stage.")
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        _fail(disk_full_message(error))
     except KeyboardInterrupt:
         print("interrupted: no outputs were accepted; re-run the stage to start again", file=sys.stderr)
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {redact(message)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def seed_everything(seed: int) -> None:
