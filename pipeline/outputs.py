@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.errors import DISK_FULL, StageError, disk_full_message
+from pipeline.runtime import check_params
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
 
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int | None = None) -> Iterator[Path]:
@@ -40,6 +40,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int | None = None)
         tmp = Path(name)
         os.close(fd)
         yield tmp
+        check_params()   # no results for params the stage did not read
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         # mkstemp makes 0600; outputs get the usual permissions unless `mode` says (secrets: 0o600)

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import StageError, redact
 from pipeline.paths import REPO_ROOT, main_repo_root
+from pipeline.runtime import check_params
 
 EXPERIMENTS = {"backprop": "part1-backprop", "mlp": "part2-forecasting", "cnn": "part3-classification"}
 
@@ -218,6 +219,7 @@ class Tracker:
             self._call("log params", self._mlflow.log_params, {k: str(v)[:6000] for k, v in _flatten(params).items()})
 
     def metrics(self, metrics: dict, step: int | None = None) -> None:
+        check_params()   # params.yaml rewritten under a running stage: stop now, not after training
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self._mlflow:
             self._call("log metrics", self._mlflow.log_metrics, clean, step=step)
