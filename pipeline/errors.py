@@ -32,10 +32,10 @@ def disk_full_message(error: OSError, what: str = "") -> str:
 
 
 def _secret_values() -> set[str]:
-    values = {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 4}
+    values = {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8}
     for uri_var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         match = re.search(r"://[^/\s@:]*:([^/\s@]+)@", os.environ.get(uri_var, ""))
-        if match and len(match.group(1)) >= 4:
+        if match and len(match.group(1)) >= 8:
             values.add(match.group(1))
     return values
 
