@@ -182,7 +182,10 @@ class Tracker:
             uri = tracking_uri()
             mlflow.set_tracking_uri(uri)
             experiment = prepare_experiment(uri, self.experiment)
-            _mark_stale_runs(uri, experiment.experiment_id, self.run_name)
+            try:   # housekeeping: never a reason to run untracked
+                _mark_stale_runs(uri, experiment.experiment_id, self.run_name)
+            except Exception as error:  # noqa: BLE001
+                print(f"MLflow: could not check for stale runs: {redact(str(error))}", file=sys.stderr)
             # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false in the environment turns system metrics off.
             system = None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True
             run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=self.run_name,
