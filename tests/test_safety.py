@@ -175,7 +175,8 @@ def test_a_failed_model_upload_leaves_nothing_under_mlartifacts(tmp_path, monkey
 
 def test_two_dvc_exp_runs_at_once_in_one_workspace_fail_loudly_with_the_queue_advice(tmp_path):
     """DVC's race (issue 18.5): the second `dvc exp run` rewrites params.yaml under the first."""
-    repo = make_repo_copy(tmp_path, small_params())
+    (tmp_path / "repo").mkdir()
+    repo = make_repo_copy(tmp_path / "repo", small_params())
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "exp", "run", "-n", "first",
@@ -189,14 +190,16 @@ def test_two_dvc_exp_runs_at_once_in_one_workspace_fail_loudly_with_the_queue_ad
             if experiment is not None:
                 training = [r for r in client.search_runs([experiment.experiment_id]) if "val_accuracy" in r.data.metrics]
         assert training, (tmp_path / "first.log").read_text()
-        second = dvc(repo, "exp", "run", "-n", "second", "-S", "backprop.lr=0.07", "backprop", check=False, timeout=600)
+        # short, whichever way DVC then goes (busy lock, or a run after the first gave up)
+        second = dvc(repo, "exp", "run", "-n", "second", "-S", "backprop.lr=0.07", "-S", "backprop.epochs=2",
+                     "backprop", check=False, timeout=900)
         first.wait(timeout=600)
     finally:
         if first.poll() is None:
             first.kill()
         log.close()
     said = (tmp_path / "first.log").read_text()
-    assert first.returncode != 0 and second.returncode != 0, (said[-3000:], second.stdout + second.stderr)
+    assert first.returncode != 0, (said[-3000:], second.stdout + second.stderr)
     assert "changed while this stage ran" in said and "dvc exp run --queue" in said, said[-3000:]
     assert "Traceback" not in said
     assert "first" not in dvc(repo, "exp", "ls", check=False).stdout   # no experiment recorded under wrong params
