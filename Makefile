@@ -82,3 +82,8 @@ gpu-check:
 # The projected time of every stage `dvc repro` would run here with the current params (runs none).
 estimate: setup
 	"$(BIN)/python" -m bench.estimate
+
+# Wait until DVC's queue is empty (before `dvc exp show`); QUEUE_TIMEOUT seconds, default 24 h.
+.PHONY: queue-wait
+queue-wait: setup
+	"$(BIN)/python" -m pipeline.queue wait

@@ -3,7 +3,8 @@
 Each file is written to a temporary file in the same folder, flushed to disk, then moved into
 place with `os.replace`; the temporary file is removed in `finally`. A reader (DVC, the next
 stage, a resumed run) sees the previous file or the new one, never half of one, and an
-interruption leaves no `tmp*.tmp` behind.
+interruption leaves no `tmp*.tmp` behind. A full disk (ENOSPC, EFBIG, EDQUOT) becomes one
+StageError naming the file (exit 2 through `pipeline.runtime.run_stage`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.errors import DISK_FULL, StageError, disk_full_message
+from pipeline.runtime import check_params
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
 
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int | None = None) -> Iterator[Path]:
@@ -37,12 +40,17 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int | None = None)
         tmp = Path(name)
         os.close(fd)
         yield tmp
+        check_params()   # no results for params the stage did not read
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         # mkstemp makes 0600; outputs get the usual permissions unless `mode` says (secrets: 0o600)
         os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        raise StageError(disk_full_message(error, str(path))) from None
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import traceback
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.errors import StageError
+from pipeline.errors import StageError, redact
 from pipeline.paths import REPO_ROOT, main_repo_root
+from pipeline.runtime import check_params
 
 EXPERIMENTS = {"backprop": "part1-backprop", "mlp": "part2-forecasting", "cnn": "part3-classification"}
 
@@ -81,8 +84,21 @@ def prepare_experiment(uri: str, name: str):
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(db) + ".lock", timeout=300):
+            if not db.exists():
+                _create_store(uri)
             return _get_or_create(MlflowClient(tracking_uri=uri), uri, name)
     return _get_or_create(MlflowClient(tracking_uri=uri), uri, name)
+
+
+def _create_store(uri: str) -> None:
+    """A fresh SQLite store whose `Default` experiment keeps artifacts in `mlartifacts/0`.
+
+    Left to MLflow, the first client creates `Default` with artifacts in `./mlruns` of its working
+    directory, which for a queued run is a `.dvc/tmp/exps/` copy that DVC deletes.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(uri, artifact_root().as_uri()).engine.dispose()
 
 
 def _get_or_create(client, uri: str, name: str):
@@ -131,7 +147,9 @@ class Tracker:
         self.experiment = EXPERIMENTS[family]
         self.run_name = run_name
         self.tags = {"stage": run_name, "data_source": data_source, "git_commit": git_commit(),
-                     "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(extra_tags or {})}
+                     "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+                     # who runs it: a later start of the stage marks the run KILLED if that process is gone
+                     "host": socket.gethostname(), "pid": str(os.getpid()), **(extra_tags or {})}
         self.failure: str | None = None
         self.run_id = ""
         self.experiment_id = ""
@@ -146,7 +164,8 @@ class Tracker:
         except StageError:
             raise
         except Exception as error:  # noqa: BLE001 - tracking must not stop training
-            self.failure = f"{what}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            # exception texts can quote the tracking URI with its password
+            self.failure = redact(f"{what}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             print(f"\n*** MLflow TRACKING FAILED ({_redact(tracking_uri())}) - {self.failure}\n"
                   "*** Training continues; DVC metrics files are still written.\n", file=sys.stderr)
             return None
@@ -163,6 +182,10 @@ class Tracker:
             uri = tracking_uri()
             mlflow.set_tracking_uri(uri)
             experiment = prepare_experiment(uri, self.experiment)
+            try:   # housekeeping: never a reason to run untracked
+                _mark_stale_runs(uri, experiment.experiment_id, self.run_name)
+            except Exception as error:  # noqa: BLE001
+                print(f"MLflow: could not check for stale runs: {redact(str(error))}", file=sys.stderr)
             # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false in the environment turns system metrics off.
             system = None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True
             run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=self.run_name,
@@ -181,11 +204,11 @@ class Tracker:
             else:
                 status = "FAILED"
                 self._call("log traceback", self._mlflow.set_tag, "error",
-                           "".join(traceback.format_exception_only(exc_type, exc))[-5000:])
+                           redact("".join(traceback.format_exception_only(exc_type, exc)))[-5000:])
             try:
                 self._mlflow.end_run(status=status)
             except Exception as error:  # noqa: BLE001
-                self.failure = self.failure or f"end run: {error}"
+                self.failure = self.failure or redact(f"end run: {error}")
         if self.failure:
             print(f"\n*** MLflow TRACKING FAILED for {self.run_name}: {self.failure}\n"
                   f"*** Tracking URI: {_redact(tracking_uri())}. The DVC metrics files were written; the MLflow "
@@ -199,6 +222,7 @@ class Tracker:
             self._call("log params", self._mlflow.log_params, {k: str(v)[:6000] for k, v in _flatten(params).items()})
 
     def metrics(self, metrics: dict, step: int | None = None) -> None:
+        check_params()   # params.yaml rewritten under a running stage: stop now, not after training
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self._mlflow:
             self._call("log metrics", self._mlflow.log_metrics, clean, step=step)
@@ -229,7 +253,22 @@ class Tracker:
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         if self._mlflow:
-            self._call(f"log artifact {path}", self._mlflow.log_artifact, str(path), folder)
+            self._call(f"log artifact {path}", self._whole, self._mlflow.log_artifact, str(path), folder)
+
+    def _whole(self, fn, *args, **kwargs):
+        """Run an artifact upload; if it fails (a full disk), remove what it left in a local store."""
+        root = artifact_root() / self.experiment
+        before = _tree(root) if not _is_server(tracking_uri()) else None
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            if before is not None:
+                for path in sorted(_tree(root) - before, key=lambda p: len(p.parts), reverse=True):
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+            raise
 
     def torch_model(self, model, input_example) -> None:
         if not self._mlflow:
@@ -241,14 +280,46 @@ class Tracker:
             # Explicit requirements: MLflow's own inference imports the world and takes minutes.
             mlflow.pytorch.log_model(model, name="model", input_example=input_example,
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        self._call("log model", log)
+        self._call("log model", self._whole, log)
 
     def run_info(self) -> dict:
         """What the report needs to link this run."""
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "experiment": self.experiment,
                 "ui_path": f"#/experiments/{self.experiment_id}/runs/{self.run_id}" if self.run_id else "",
-                "tracking_uri": _redact(tracking_uri()), "tracking_failed": self.failure or "",
+                "tracking_uri": _redact(tracking_uri()), "tracking_failed": redact(self.failure or ""),
                 "data_source": self.tags["data_source"], "git_commit": self.tags["git_commit"]}
+
+
+def _tree(root: Path) -> set[Path]:
+    return set(root.rglob("*")) if root.is_dir() else set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mark_stale_runs(uri: str, experiment_id: str, stage: str) -> None:
+    """Runs of `stage` left RUNNING by a process of this machine that is gone (SIGKILL, a power cut,
+    a full disk that stopped the store) are set KILLED, so the UI never shows them running for good.
+    Runs of other machines are left alone: their process cannot be checked from here."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    host = socket.gethostname()
+    stage_filter = stage.replace("'", "")
+    for run in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.stage = '{stage_filter}'"):
+        tags = run.data.tags
+        if tags.get("host") == host and tags.get("pid", "").isdigit() and not _alive(int(tags["pid"])):
+            client.set_tag(run.info.run_id, "stale", f"process {tags['pid']} ended without closing the run")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            print(f"MLflow: run {run.info.run_id} of {stage} was left RUNNING by a process that is gone; "
+                  "marked KILLED", file=sys.stderr)
 
 
 def _redact(uri: str) -> str:

@@ -134,6 +134,10 @@ def state_file(root: Path) -> Path:
     return root / "services.json"
 
 
+def save_state(root: Path, state: dict) -> None:
+    write_json(state_file(root), state, mode=0o600)   # it holds the S3 secret key
+
+
 def load_state(root: Path) -> dict | None:
     path = state_file(root)
     return json.loads(path.read_text()) if path.exists() else None
@@ -365,13 +369,13 @@ def start(root: Path, auth: bool = False, workers: int = 2) -> dict:
              "credentials": {k: creds[k] for k in ("s3_access_key", "s3_secret_key")}}
     try:
         state["pids"]["postgres"] = start_postgres(root, pg_port, creds["db_password"])
-        write_json(state_file(root), state)
+        save_state(root, state)
         state["pids"]["seaweedfs"] = start_seaweedfs(root, weed_ports, creds)
-        write_json(state_file(root), state)
+        save_state(root, state)
         state["pids"]["mlflow"] = start_mlflow(root, mlflow_port, pg_port, s3_endpoint, creds, auth, workers)
-        write_json(state_file(root), state)
+        save_state(root, state)
     except BaseException:
-        write_json(state_file(root), state)
+        save_state(root, state)
         stop(root)
         raise
     return state

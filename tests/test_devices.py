@@ -129,12 +129,8 @@ def test_dvc_queue_gives_each_worker_its_own_device(tmp_path):
     for seed in (1, 2):
         dvc(repo, "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"seed={seed}", **pool)
     dvc(repo, "queue", "start", "-j", "2", **pool)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = dvc(repo, "queue", "status", **pool).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
+    run([sys.executable, "-m", "pipeline.queue", "wait", "--timeout", "600", "--repo", str(repo)], REPO, check=False, **pool)
+    status = dvc(repo, "queue", "status", **pool).stdout
     dvc(repo, "queue", "stop", "--kill", check=False, **pool)
     assert status.count("Success") == 2, status + dvc(repo, "queue", "logs", "seed1", check=False).stdout
     assert sorted(f.read_text() for f in seen.iterdir()) == ["cpu:0", "cpu:1"]

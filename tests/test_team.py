@@ -86,6 +86,23 @@ def test_services_bound_to_localhost(services):
     assert all(line.split()[3].startswith("127.0.0.1:") for line in ours), ours
 
 
+def test_every_file_holding_a_secret_is_readable_by_its_owner_only(services):
+    """services.json holds the S3 secret key; credentials, pgpass, the S3 config hold the rest."""
+    creds = json.loads((services["root"] / "credentials.json").read_text())
+    secrets = [v.encode() for v in creds.values() if isinstance(v, str) and len(v) >= 8]
+    holders = {}
+    for path in services["root"].rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if any(s in data for s in secrets):
+                holders[str(path.relative_to(services["root"]))] = oct(path.stat().st_mode & 0o777)
+    assert "services.json" in holders and "credentials.json" in holders, holders
+    assert {p: m for p, m in holders.items() if m != "0o600"} == {}, holders
+
+
 def test_wrong_password_refused(services):
     url = services["env"]["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
 

@@ -1,0 +1,41 @@
+"""`python -m pipeline.queue wait`: wait for DVC's queue before `dvc exp show` (issue 17.6)."""
+
+import sys
+
+from conftest import REPO, dvc, run
+
+PY = sys.executable
+
+
+def _repo(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("x: 1\n")
+    # x == 2 fails: one success and one failure in the same queue
+    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -c \"import yaml,sys; x=yaml.safe_load(open('params.yaml'))['x']; "
+                                   "open('out.txt','w').write(str(x)); sys.exit(x == 2)\"\n    params: [x]\n    outs: [out.txt]\n")
+    run(["git", "init", "-q"], repo)
+    dvc(repo, "init", "-q")
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "s"], repo)
+    return repo
+
+
+def _wait(repo, *args):
+    return run([PY, "-m", "pipeline.queue", "wait", "--repo", str(repo), *args], REPO, check=False, timeout=1800)
+
+
+def test_wait_reports_each_outcome_and_exp_show_then_works(tmp_path):
+    repo = _repo(tmp_path)
+    dvc(repo, "exp", "run", "--queue", "-n", "good", "-S", "x=3")
+    dvc(repo, "exp", "run", "--queue", "-n", "bad", "-S", "x=2")
+    # not started yet: the deadline passes, and the message says so and what to do
+    early = _wait(repo, "--timeout", "1")
+    assert early.returncode == 2 and "still busy" in early.stderr and "good (Queued)" in early.stderr, early.stderr
+    dvc(repo, "queue", "start", "-j", "2")
+    done = _wait(repo, "--timeout", "1200")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed: bad" in done.stderr and "dvc queue logs bad" in done.stderr, done.stderr
+    assert not list((repo / ".dvc/tmp/exps").glob("tmp*"))
+    shown = dvc(repo, "exp", "show", "--json").stdout
+    assert '"good"' in shown, shown[:2000]
