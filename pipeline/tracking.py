@@ -221,6 +221,10 @@ class Tracker:
         if self._mlflow:
             self._call("log params", self._mlflow.log_params, {k: str(v)[:6000] for k, v in _flatten(params).items()})
 
+    def tag(self, key: str, value) -> None:
+        if self._mlflow:
+            self._call(f"set tag {key}", self._mlflow.set_tag, key, str(value))
+
     def metrics(self, metrics: dict, step: int | None = None) -> None:
         check_params()   # params.yaml rewritten under a running stage: stop now, not after training
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

@@ -163,7 +163,7 @@ def test_estimate_lists_every_stale_stage_with_a_projected_time(tmp_path):
     params["cnn"]["ablations"] = {"steplr": {"model": "resnet18", "scheduler": "step"}}
     repo = make_repo_copy(tmp_path, params)
     out = run([sys.executable, "-m", "bench.estimate", "--steps", "1"], repo, timeout=600).stdout
-    names = ["download_ett", "download_images", "backprop", "cnn@resnet18", "ablation@steplr", "features",
+    names = ["inputs", "download_ett", "download_images", "backprop", "cnn@resnet18", "ablation@steplr", "features",
              "report", *[f"mlp@{v}" for v in params["mlp"]["variants"]]]
     assert f"{len(names)} stages `dvc repro` would run here" in out, out
     for name in names:
@@ -175,4 +175,4 @@ def test_estimate_lists_every_stale_stage_with_a_projected_time(tmp_path):
     # As `dvc repro cnn@resnet18` would: the target and the stale stages it needs.
     out = run([sys.executable, "-m", "bench.estimate", "--steps", "1", "cnn@resnet18"], repo, timeout=600).stdout
     listed = re.findall(r"^  projected: .*? for (\S+)", out, re.M)
-    assert listed == ["download_images", "cnn@resnet18"], out
+    assert listed == ["inputs", "download_images", "cnn@resnet18"], out

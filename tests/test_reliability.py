@@ -48,7 +48,8 @@ def test_code_deps_are_exactly_the_modules_each_stage_imports(group):
 
 
 def _stale(repo) -> set[str]:
-    return {name.split("@")[0] for name in json.loads(dvc(repo, "status", "--json").stdout)}
+    """Stale stage families, without `inputs` (always_changed: DVC lists it every time by design)."""
+    return {name.split("@")[0] for name in json.loads(dvc(repo, "status", "--json").stdout)} - {"inputs"}
 
 
 def test_touching_each_module_makes_exactly_its_users_stale(pipeline_repo):
@@ -63,7 +64,7 @@ def test_touching_each_module_makes_exactly_its_users_stale(pipeline_repo):
         original = target.read_bytes()
         try:
             target.write_bytes(original + b"\n# touched by a test\n")
-            assert _stale(pipeline_repo) == expected, path
+            assert _stale(pipeline_repo) == expected - {"inputs"}, path
         finally:
             target.write_bytes(original)
 
@@ -153,13 +154,11 @@ def test_interrupted_stage_fails_keeps_nothing_and_marks_the_run_killed(data_rep
         runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
         assert runs[0].data.tags["stage"] == name and runs[0].info.status == "KILLED"
         # the epoch checkpoint lets a rerun continue where it stopped
-        params["cnn"]["defaults"]["resume"] = True
-        (data_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        resumed = run([sys.executable, "-m", "stages.cnn", name], data_repo)
+        resumed = run([sys.executable, "-m", "stages.cnn", name], data_repo, PIPELINE_RESUME="1")
         assert re.search(r"resuming from .* after epoch [12]", resumed.stdout), resumed.stdout
         assert (data_repo / f"metrics/cnn/{name}.json").exists()
     finally:
-        params["cnn"]["defaults"].update(epochs=2, resume=False)
+        params["cnn"]["defaults"].update(epochs=2)
         (data_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
