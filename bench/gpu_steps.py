@@ -222,10 +222,11 @@ def ddp(sizes: dict, device) -> dict:
         try:
             outputs = [p.communicate(timeout=sizes["ddp_timeout"])[0] for p in procs]
         except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
             out[key] = {"ok": 0, "error": f"timed out after {sizes['ddp_timeout']} s"}
             continue
+        finally:   # also when the step's own time limit interrupts the wait
+            for p in procs:
+                p.kill()
         ok = all(p.returncode == 0 for p in procs)
         lines = [line for o in outputs for line in o.splitlines() if line.startswith("DDP ")]
         if ok and lines:
