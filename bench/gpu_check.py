@@ -37,12 +37,12 @@ REAL = {"dry_run": False, "size": 64, "batch": 64, "warmup": 10, "steps": 100, "
         "epoch_counts": {"train": 89_996, "val": 10_004, "test": 7_180},
         "det_counts": {"train": 4096, "val": 1024, "test": 1024}, "det_epochs": 1, "det_log_every": 100,
         "compare_batch": 256, "pinned_counts": {"train": 32_768, "val": 1024, "test": 1024},
-        "projection_steps": 20, "ddp": [["nccl", 2], ["gloo", 2], ["nccl", 1]], "ddp_timeout": 40}
+        "projection_steps": 20, "ddp": [["nccl", 2], ["gloo", 2], ["nccl", 1]], "ddp_timeout": 45}
 DRY = {"dry_run": True, "size": 32, "batch": 8, "warmup": 1, "steps": 1, "throughput_train": 64,
        "epoch_counts": {"train": 16, "val": 18, "test": 18},
        "det_counts": {"train": 16, "val": 16, "test": 16}, "det_epochs": 1, "det_log_every": 100,
        "compare_batch": 4, "pinned_counts": {"train": 16, "val": 18, "test": 18},
-       "projection_steps": 1, "ddp": [["gloo", 2]], "ddp_timeout": 100}
+       "projection_steps": 1, "ddp": [["gloo", 2]], "ddp_timeout": 500}
 
 
 class StepTimeout(Exception):

@@ -268,7 +268,7 @@ def ddp_rank(rank: int, world: int, backend: str, device_type: str, port: int, b
         cnn_loop.train_step(net, opt, x, y)
     _sync(device)
     step_s = (time.perf_counter() - start) / 5
-    weights = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])   # channels_last: no view
     mean = weights.clone()
     dist.all_reduce(mean)
     diff = (weights - mean / world).abs().max().item()
