@@ -101,3 +101,11 @@ def test_wheels_size_command_exits_2_with_one_message(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_the_check_imports_without_mlflow_or_dvc():
+    # neither travels to the GPU machine (gpu_wheels' docstring); None in sys.modules makes an import fail
+    code = ("import sys\nfor m in ('mlflow', 'dvc', 'skimage'): sys.modules[m] = None\n"
+            "import bench.gpu_check, bench.gpu_steps\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
