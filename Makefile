@@ -71,12 +71,17 @@ team-down: setup
 	@"$(BIN)/python" -m team.services stop
 
 # Wheels for the offline GPU check (bench/gpu_check.sh installs from .whl/; torch & co. are there).
-wheels: setup
-	@mkdir -p .whl
-	"$(BIN)/python" bench/gpu_wheels.py > .whl/requirements.txt
-	"$(BIN)/python" -m pip download -q --no-deps -d .whl -r .whl/requirements.txt
-	@du -sh .whl
+# The GPU check's wheels for the device's CPython 3.12 manylinux x86-64 (not this venv's Python),
+# then the size of what travels (wheels + working tree); fails above 60 MiB. Needs the network.
+WHEEL_PLATFORMS := $(foreach n,28 27 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+wheels:
+	@mkdir -p .whl && rm -f .whl/*.whl
+	"$(BIN)/python" -m bench.gpu_wheels > .whl/requirements.txt
+	"$(BIN)/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d .whl -r .whl/requirements.txt
+	"$(BIN)/python" -m bench.gpu_wheels --size .whl
 
+# On the GPU machine (carry .whl); `bash bench/gpu_check.sh --dry-run` runs it at toy size on a CPU.
 gpu-check:
 	bash bench/gpu_check.sh
 # The projected time of every stage `dvc repro` would run here with the current params (runs none).
