@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench browser params plots-template mutate estimate
+.PHONY: setup repro test test-fast bench browser params plots-template mutate estimate
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ browser:
 
 test: setup browser postgres slurm
 	"$(BIN)/python" -m pytest
+
+# The inner loop: the in-process unit tests (no DVC subprocess, no services, no apt); what make mutate runs.
+test-fast: setup
+	"$(BIN)/python" -m pytest tests/unit -q
 
 bench: setup
 	"$(BIN)/python" -m bench.cnn_throughput
