@@ -288,7 +288,7 @@ def test_a_resumed_stage_run_carries_the_whole_curve_and_a_resumed_from_tag(tmp_
     params = small_params()
     params["cnn"]["defaults"].update(epochs=2)
     repo = make_repo_copy(tmp_path, params)
-    run(["python", "-m", "stages.download_pathmnist"], repo)
+    run(["python", "-m", "stages.download_images"], repo)
     (repo / "models/cnn/resnet18.pt").mkdir(parents=True)   # the model write fails after all the training
     failed = run(["python", "-m", "stages.cnn", "resnet18"], repo, check=False)
     assert failed.returncode != 0
@@ -322,7 +322,7 @@ def test_a_split_missing_a_class_keeps_a_model_and_writes_null_not_nan(tmp_path)
     params["data"]["images"].update(source="file", path=str(tmp_path / "mine.npz"), name="mine", size=32)
     params["cnn"]["defaults"].update(epochs=2)
     repo = make_repo_copy(tmp_path / "repo", params)
-    run(["python", "-m", "stages.download_pathmnist"], repo)
+    run(["python", "-m", "stages.download_images"], repo)
     result = run(["python", "-m", "stages.cnn", "resnet18"], repo)
     assert "no epoch had a finite validation auc" in result.stdout and "Traceback" not in result.stderr
     headline = _strict_json(repo / "metrics/cnn/resnet18.json")

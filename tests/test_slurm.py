@@ -71,7 +71,7 @@ def test_two_slurm_tasks_as_two_torchrun_nodes_end_with_the_weights_of_one_proce
     params["data"]["images"].update(size=16, synthetic_train=64, synthetic_val=27, synthetic_test=27)
     params["cnn"]["defaults"].update(epochs=1, batch_size=16, max_steps_per_epoch=2, log_every=1000)
     repo = make_repo_copy(tmp_path / "repo", params)
-    run([PY, "-m", "stages.download_pathmnist"], repo)
+    run([PY, "-m", "stages.download_images"], repo)
     run([PY, "-m", "stages.cnn", "resnet18"], repo, timeout=600, OMP_NUM_THREADS=1)
     one = torch.load(repo / "models/cnn/resnet18.pt", weights_only=True)
     params["cnn"]["defaults"]["devices"] = 2
