@@ -102,13 +102,15 @@ def test_a_csv_without_ot_runs_through_dvc_repro_backprop_on_its_target_column(t
     assert stage["params"]["params.yaml"]["data.ett.target"] == "load"
 
 
-def test_an_edited_pinned_csv_is_refused_before_training(tmp_path):
+@pytest.mark.parametrize("stage,headline", [(["stages.backprop"], "metrics/backprop.json"),
+                                            (["stages.mlp", "default"], "metrics/mlp/default.json")])
+def test_an_edited_pinned_csv_is_refused_before_training(tmp_path, stage, headline):
     params = small_params()
     repo = make_repo_copy(tmp_path, params)
     (repo / "data/raw").mkdir(parents=True)
     data = (SHARED_DATA / "ETTh1.csv").read_bytes()
     (repo / "data/raw/ETTh1.csv").write_bytes(data.replace(b"5.827", b"5.828", 1))
-    result = run(["python", "-m", "stages.backprop"], repo, check=False)
+    result = run(["python", "-m", *stage], repo, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "its pin data.ett.pins.ETTh1" in result.stderr and "dvc repro download_ett" in result.stderr
-    assert not (repo / "metrics/backprop.json").exists()
+    assert not (repo / headline).exists()
