@@ -40,7 +40,7 @@ def mlflow_server(tmp_path):
          "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300   # gunicorn on a loaded 2-core machine
     while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -51,7 +51,7 @@ def mlflow_server(tmp_path):
             time.sleep(0.5)
     else:
         server.kill()
-        pytest.fail("mlflow server did not start within 120 s")
+        pytest.fail("mlflow server did not start within 300 s")
     yield uri
     server.terminate()
     server.wait(timeout=30)
