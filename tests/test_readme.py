@@ -97,6 +97,7 @@ def _user_files(repo: Path, weights: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)   # the offline recipe is a whole small pipeline: past 1200 s on a loaded machine
 def test_the_readme_runs_as_written(tmp_path, local_densenet_weights):
     params = small_params()   # smaller still: one seed, one window normalisation, short windows
     params["mlp"]["defaults"].update(seeds=1, window_norm="last", epochs=1, input_len=24, pred_len=24, kernel=5)
@@ -117,7 +118,7 @@ def test_the_readme_runs_as_written(tmp_path, local_densenet_weights):
             _serve_until_up(script.replace("--port 5000", f"--port {port}"), repo, port)
         else:
             result = subprocess.run(["bash", "-c", script], cwd=repo, env=env(), capture_output=True,
-                                    text=True, timeout=1800)
+                                    text=True, timeout=3000)
             assert result.returncode == 0, f"README block failed:\n{body}\nstdout:\n{result.stdout[-4000:]}" \
                                            f"\nstderr:\n{result.stderr[-4000:]}"
         exports += [line for line in body.splitlines() if line.startswith("export ")]
