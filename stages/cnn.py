@@ -7,7 +7,6 @@ stays the same); rank 0 alone logs to MLflow and writes the outputs."""
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from pipeline.models import cnn
 from pipeline.outputs import atomic_path, write_csv, write_json
 from pipeline.paths import METRICS, MODELS, images_npz, main_repo_root
 from pipeline.runtime import run_stage, seed_everything
-from pipeline.tracking import Tracker, tracking_uri
+from pipeline.tracking import Tracker
 from pipeline.train import cnn_loop, distributed, tasks
 
 # Besides the loop and augmentations: the code a checkpoint's training depends on.
@@ -99,7 +98,7 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
         if not world.is_main:
             return
         if result.resumed_from:
-            tag_resumed(tracker, result.resumed_from)
+            tracker.tag("resumed_from", result.resumed_from)   # the history before it was re-logged by the loop
         test, scores = cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)
         metrics = {"test_auc": test["auc"], "test_acc": test["acc"]}   # the headline
         details = {"best_val_auc": result.best_val["auc"], "best_val_acc": result.best_val["acc"],
@@ -146,19 +145,6 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
         result.checkpoint.unlink(missing_ok=True)
     print(f"{name}: test AUC {test['auc']:.4f} ACC {test['acc']:.4f} (best epoch {result.best_epoch}, "
           f"{timing['images_per_second']:.0f} images/s on {device_name}, data {source})")
-
-
-def tag_resumed(tracker: Tracker, epoch: int) -> None:
-    """Tag the run `resumed_from: <epoch>` (the history before it was re-logged by the loop).
-    Through MLflow's client on the tracker's run: Tracker has no tag call of its own yet."""
-    if not tracker.run_id or tracker.failure:
-        return
-    try:
-        from mlflow import MlflowClient
-
-        MlflowClient(tracking_uri()).set_tag(tracker.run_id, "resumed_from", str(epoch))
-    except Exception as error:  # noqa: BLE001 - tracking must not stop training
-        print(f"MLflow: could not tag the run resumed_from={epoch}: {type(error).__name__}", file=sys.stderr)
 
 
 def finite(values: dict) -> dict:
