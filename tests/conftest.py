@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("SHARED_DATA") or REPO.parent / "shared" / "data").resolve()
 VENV_BIN = str(Path(sys.executable).parent)
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 
 
 def small_params() -> dict:
@@ -61,10 +64,9 @@ def make_repo_copy(dest: Path, params: dict | None = None) -> Path:
             shutil.copy2(src, dest / name)
     if params is not None:
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "test copy"], cwd=dest, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "test copy"], cwd=dest, check=True)
     return dest
 
 
@@ -106,6 +108,77 @@ def pipeline_repo(tmp_path_factory, local_densenet_weights) -> Path:
 
 def dvc(repo: Path, *args, **kw) -> subprocess.CompletedProcess:
     return run([str(Path(VENV_BIN) / "dvc"), *args], repo, **kw)
+
+
+def wait_for(ready, timeout: float, what: str, process: subprocess.Popen | None = None, every: float = 0.5):
+    """Poll `ready()` until it gives something truthy and return that. Fails loudly, naming `what`,
+    when `timeout` seconds pass or `process` exits first: no polling loop carries on silently."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = ready()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"{what}: the process exited with {process.returncode} first")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: still not so after {timeout:.0f} s")
+        time.sleep(every)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def serving(cmd: list[str], port: int, what: str, timeout: float = 300, cwd: Path | None = None):
+    """A server process (e.g. `mlflow server`/`mlflow ui`) until its port answers; stopped by PID.
+    300 s: gunicorn took over 120 s to answer on a loaded 2-core machine."""
+    server = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: port_open(port), timeout, f"{what} on port {port}", process=server)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def tiny_dvc_repo(path: Path, files: dict[str, str]) -> Path:
+    """A git + DVC repository of a few files (a dvc.yaml of its own): for tests of DVC's machinery."""
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    run(["git", "init", "-q"], path)
+    dvc(path, "init", "-q")
+    run(["git", "add", "-A"], path)
+    run([*GIT, "commit", "-qm", "tiny"], path)
+    return path
+
+
+def pushed_pipeline(base: Path, stage: str, services_env: dict) -> dict:
+    """A small pipeline in `base/a` after `dvc repro <stage>` against the team services, committed
+    and pushed: git to a bare `base/origin.git`, data and run-cache to the team S3 store."""
+    origin = base / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    params = small_params()
+    params["backprop"].update(epochs=2, stride=16)
+    repo = make_repo_copy(base / "a", params)
+    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=repo, check=True)
+    # The remote's URL is committed; its endpoint and credentials come from the environment.
+    dvc(repo, "remote", "add", "-d", "team", "s3://team/dvc")
+    dvc(repo, "repro", stage, timeout=600, **services_env)
+    subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", f"{stage} on the team services"], cwd=repo, check=True)
+    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=repo, check=True)
+    dvc(repo, "push", timeout=300, **services_env)
+    dvc(repo, "push", "--run-cache", timeout=300, **services_env)
+    return {"repo": repo, "origin": origin, "base": base}
 
 
 def free_port() -> int:

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, wait_for
 from pipeline import devices
 from pipeline.errors import StageError
 
@@ -53,13 +52,10 @@ def test_dead_process_releases_its_device(tmp_path):
     out, locks = tmp_path / "out", tmp_path / "locks"
     out.mkdir()
     holder = start(out, 1, "cpu:0", locks, hold=300)
-    while not list(out.iterdir()):
-        assert holder.poll() is None, holder.stderr.read()
-        time.sleep(0.05)
+    wait_for(lambda: list(out.iterdir()), 300, "the holder taking its device", process=holder, every=0.05)
     waiter = start(out, 2, "cpu:0", locks)
-    line = waiter.stderr.readline()
-    while "device lease" not in line:
-        line = waiter.stderr.readline()
+    # The first line that mentions the lease ("" if the waiter ended without one).
+    line = next((text for text in iter(waiter.stderr.readline, "") if "device lease" in text), "")
     assert "all 1 devices" in line and "waiting" in line, line   # the only device is taken
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
@@ -111,19 +107,14 @@ Path("device.json").write_text(json.dumps({"device": str(device)}))
 
 def test_dvc_queue_gives_each_worker_its_own_device(tmp_path):
     """`dvc queue start -j 2` with a 2-device pool: the two queued experiments run at once on two devices."""
-    from conftest import dvc, run
+    from conftest import dvc, run, tiny_dvc_repo
 
-    repo, seen = tmp_path / "repo", tmp_path / "seen"
-    repo.mkdir()
+    seen = tmp_path / "seen"
     seen.mkdir()
-    (repo / "lease.py").write_text(LEASE_STAGE)
-    (repo / "params.yaml").write_text("seed: 0\n")
-    (repo / "dvc.yaml").write_text("stages:\n  lease:\n    cmd: python lease.py\n    deps: [lease.py]\n"
-                                   "    params: [seed]\n    metrics:\n      - device.json:\n          cache: false\n")
-    run(["git", "init", "-q"], repo)
-    dvc(repo, "init", "-q")
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "lease"], repo)
+    repo = tiny_dvc_repo(tmp_path / "repo", {
+        "lease.py": LEASE_STAGE, "params.yaml": "seed: 0\n",
+        "dvc.yaml": "stages:\n  lease:\n    cmd: python lease.py\n    deps: [lease.py]\n"
+                    "    params: [seed]\n    metrics:\n      - device.json:\n          cache: false\n"})
     pool = {"PIPELINE_DEVICE_POOL": "cpu:0,cpu:1", "PIPELINE_DEVICE_LOCKS": str(tmp_path / "locks"),
             "PIPELINE_SRC": str(REPO), "LEASE_SEEN": str(seen)}
     for seed in (1, 2):

@@ -1,15 +1,12 @@
 """The MLflow UI, in a real browser, on the store the end-to-end pipeline run wrote: a CNN run's
 System metrics tab shows CPU and memory series (MLflow's own system-metrics logging)."""
 
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, VENV_BIN, env, free_port, launch_chromium
+from conftest import REPO, VENV_BIN, free_port, launch_chromium, serving
 
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -18,23 +15,10 @@ ARTIFACTS = REPO / "test-artifacts"
 def mlflow_ui(pipeline_repo):
     """`mlflow ui` as the README starts it, on the e2e store, stopped by PID."""
     port = free_port()
-    server = subprocess.Popen(
-        [str(Path(VENV_BIN) / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{pipeline_repo / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=pipeline_repo, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail(f"mlflow ui did not start: {server.stderr.read()[-2000:]}")
-            time.sleep(0.5)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=30)
+    with serving([str(Path(VENV_BIN) / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{pipeline_repo / 'mlflow.db'}",
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], port, "mlflow ui",
+                 cwd=pipeline_repo) as url:
+        yield url
 
 
 def test_system_metrics_tab_of_a_cnn_run_shows_cpu_and_memory(pipeline_repo, mlflow_ui):

@@ -2,23 +2,17 @@
 
 import sys
 
-from conftest import REPO, dvc, run
+from conftest import REPO, dvc, run, tiny_dvc_repo
 
 PY = sys.executable
 
 
 def _repo(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "params.yaml").write_text("x: 1\n")
     # x == 2 fails: one success and one failure in the same queue
-    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -c \"import yaml,sys; x=yaml.safe_load(open('params.yaml'))['x']; "
-                                   "open('out.txt','w').write(str(x)); sys.exit(x == 2)\"\n    params: [x]\n    outs: [out.txt]\n")
-    run(["git", "init", "-q"], repo)
-    dvc(repo, "init", "-q")
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "s"], repo)
-    return repo
+    return tiny_dvc_repo(tmp_path / "repo", {
+        "params.yaml": "x: 1\n",
+        "dvc.yaml": "stages:\n  s:\n    cmd: python -c \"import yaml,sys; x=yaml.safe_load(open('params.yaml'))['x']; "
+                    "open('out.txt','w').write(str(x)); sys.exit(x == 2)\"\n    params: [x]\n    outs: [out.txt]\n"})
 
 
 def _wait(repo, *args):

@@ -21,13 +21,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, dvc, make_repo_copy, run, small_params
+from conftest import REPO, dvc, make_repo_copy, pushed_pipeline, run, small_params, wait_for
 from pipeline.models import cnn
 from team import slurm
 from team.services import alive
 
 PY = sys.executable
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 
 
 def _missing() -> str:
@@ -129,21 +128,7 @@ def services():
 
 @pytest.fixture(scope="module")
 def origin_repo(services, tmp_path_factory):
-    """A small pipeline committed and pushed (git to a bare origin, data and run-cache to the team store)."""
-    base = tmp_path_factory.mktemp("sweep")
-    origin = base / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
-    params = small_params()
-    params["backprop"].update(epochs=2, stride=16)
-    repo = make_repo_copy(base / "a", params)
-    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=repo, check=True)
-    dvc(repo, "remote", "add", "-d", "team", "s3://team/dvc")
-    dvc(repo, "repro", "download_ett", timeout=600, **services)
-    subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*GIT, "commit", "-qm", "sweep baseline"], cwd=repo, check=True)
-    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=repo, check=True)
-    dvc(repo, "push", "--run-cache", timeout=300, **services)
-    return {"repo": repo, "origin": origin, "base": base}
+    return pushed_pipeline(tmp_path_factory.mktemp("sweep"), "download_ett", services)
 
 
 def sweep(repo: Path, folder: Path, env: dict, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -162,15 +147,37 @@ def exp_names(clone: Path, env: dict) -> set[str]:
 
 
 @pytest.mark.slow
-def test_a_three_point_sweep_lands_in_dvc_and_mlflow_and_a_resubmission_runs_nothing(cluster, services, origin_repo):
+def test_a_sweep_with_a_cancelled_task_reruns_only_it_and_lands_whole_in_dvc_and_mlflow(cluster, services, origin_repo,
+                                                                                      monkeypatch):
+    """One three-point sweep, one of its tasks cancelled mid-run: status names it, the resubmission
+    runs only it, then a second clone's `dvc exp show` and the MLflow server hold all three points,
+    and a third submission runs nothing (one sweep for all of it: each task is a whole clone + exp run)."""
     env = {**cluster, **services}
+    monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])   # for squeue from this process
     repo, folder = origin_repo["repo"], origin_repo["base"] / "sweep-lr"
+    grid = ["-S", "backprop.lr=choice(0.01,0.05,0.1)"]
+    out = sweep(repo, folder, env, *grid).stdout
+    assert "3 to run" in out, out
+    job = out.split("submitted array job ")[1].split()[0]
+    victim = f"{job}_1"
+    log = folder / "logs" / f"{victim}.out"
+    # The task is under way (its clone is made and `dvc exp run` has started), then cancelled.
+    wait_for(lambda: log.exists() and "exp run" in log.read_text(), 900, f"task {victim} starting `dvc exp run`")
+    run(["scancel", victim], repo, **env)
+    wait_for(lambda: not slurm.queued([job]), 900, f"array job {job} leaving the queue", every=2)
+    status = run([PY, "-m", "team.slurm", "status", str(folder)], repo, check=False, PYTHONPATH=REPO, **env)
+    lines = status.stdout.splitlines()
+    assert status.returncode == 1 and len(lines) == 3, status.stdout + status.stderr
+    failed = [line for line in lines if "FAILED" in line]
+    assert len(failed) == 1 and "backprop.lr=0.05" in failed[0] and str(log) in failed[0], status.stdout
+    killed = failed[0].split()[0]
+    assert killed not in slurm.pushed_names(str(origin_repo["origin"]))   # nothing half-pushed
+
     started = time.monotonic()
-    out = sweep(repo, folder, env, "--wait", "-S", "backprop.lr=choice(0.01,0.05,0.1)").stdout
-    elapsed = time.monotonic() - started
-    print(f"3-point sweep on Slurm: {elapsed:.0f}s\n{out}")
-    assert "3 to run" in out and pushed_lines(out) == 3, out
-    names = {line.split()[0] for line in out.splitlines() if line.endswith(" pushed")}
+    again = sweep(repo, folder, env, "--wait", *grid).stdout
+    print(f"resubmitted task on Slurm: {time.monotonic() - started:.0f}s\n{again}")
+    assert "1 to run" in again and "(1 task(s))" in again and pushed_lines(again) == 3, again
+    names = {line.split()[0] for line in again.splitlines() if line.endswith(" pushed")}
 
     clone = origin_repo["base"] / "b"
     subprocess.run(["git", "clone", "-q", "-b", "main", str(origin_repo["origin"]), str(clone)], check=True)
@@ -181,40 +188,11 @@ def test_a_three_point_sweep_lands_in_dvc_and_mlflow_and_a_resubmission_runs_not
 
     client = MlflowClient(services["MLFLOW_TRACKING_URI"])
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
-            if r.data.tags.get("stage") == "backprop"]
+            if r.data.tags.get("stage") == "backprop" and r.info.status == "FINISHED"]
     assert sorted(float(r.data.params["lr"]) for r in runs) == [0.01, 0.05, 0.1]
     for r in runs:
-        assert r.info.status == "FINISHED" and "val_accuracy" in r.data.metrics
+        assert "val_accuracy" in r.data.metrics
         assert [a.path for a in client.list_artifacts(r.info.run_id, "figures")] == ["figures/loss.png"]
 
-    again = sweep(repo, folder, env, "--wait", "-S", "backprop.lr=choice(0.01,0.05,0.1)").stdout
-    assert "0 to run" in again and "submitted" not in again, again
-
-
-@pytest.mark.slow
-def test_a_cancelled_task_is_reported_and_the_resubmission_runs_only_it(cluster, services, origin_repo, monkeypatch):
-    env = {**cluster, **services}
-    monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])   # for squeue from this process
-    repo, folder = origin_repo["repo"], origin_repo["base"] / "sweep-epochs"
-    grid = ["-S", "backprop.epochs=1,2,3"]
-    out = sweep(repo, folder, env, *grid).stdout
-    job = out.split("submitted array job ")[1].split()[0]
-    victim = f"{job}_1"
-    log = folder / "logs" / f"{victim}.out"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and "exp run" not in (log.read_text() if log.exists() else ""):
-        time.sleep(1)   # the task is under way: its clone is made and `dvc exp run` has started
-    run(["scancel", victim], repo, **env)
-    while time.monotonic() < deadline and slurm.queued([job]):
-        time.sleep(2)
-    status = run([PY, "-m", "team.slurm", "status", str(folder)], repo, check=False, PYTHONPATH=REPO, **env)
-    lines = status.stdout.splitlines()
-    assert status.returncode == 1 and len(lines) == 3, status.stdout + status.stderr
-    failed = [line for line in lines if "FAILED" in line]
-    assert len(failed) == 1 and "backprop.epochs=2" in failed[0] and str(log) in failed[0], status.stdout
-    killed = failed[0].split()[0]
-    assert killed not in slurm.pushed_names(str(origin_repo["origin"]))   # nothing half-pushed
-
-    again = sweep(repo, folder, env, "--wait", *grid).stdout
-    assert "1 to run" in again and "(1 task(s))" in again, again
-    assert pushed_lines(again) == 3, again
+    third = sweep(repo, folder, env, "--wait", *grid).stdout
+    assert "0 to run" in third and "submitted" not in third, third

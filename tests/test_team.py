@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, dvc, env as stage_env, make_repo_copy, run, small_params
+from conftest import REPO, dvc, env as stage_env, pushed_pipeline, run
 
 try:
     from team.services import ServiceError, alive, postgres_bin
@@ -32,7 +32,6 @@ pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP)
 
 PASSWORD = "team-test-admin-password"
 PY = sys.executable
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 
 
 @pytest.fixture(scope="module")
@@ -159,23 +158,7 @@ def test_eight_concurrent_writers(services, tmp_path):
 @pytest.fixture(scope="module")
 def clone_a(services, tmp_path_factory):
     """Clone A: a small pipeline run against the team server, committed and pushed to a bare origin."""
-    base = tmp_path_factory.mktemp("clones")
-    origin = base / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
-    params = small_params()
-    params["backprop"].update(epochs=2, stride=16)
-    repo = make_repo_copy(base / "a", params)
-    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=repo, check=True)
-    # The remote's URL is committed; its endpoint and credentials come from the environment.
-    dvc(repo, "remote", "add", "-d", "team", "s3://team/dvc")
-    env = services["env"]
-    dvc(repo, "repro", "backprop", timeout=600, **env)
-    subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*GIT, "commit", "-qm", "backprop on the team services"], cwd=repo, check=True)
-    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=repo, check=True)
-    dvc(repo, "push", timeout=300, **env)
-    dvc(repo, "push", "--run-cache", timeout=300, **env)
-    return {"repo": repo, "origin": origin, "base": base}
+    return pushed_pipeline(tmp_path_factory.mktemp("clones"), "backprop", services["env"])
 
 
 def test_stage_logs_to_server(services, clone_a):
