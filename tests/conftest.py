@@ -181,6 +181,15 @@ def pushed_pipeline(base: Path, stage: str, services_env: dict) -> dict:
     return {"repo": repo, "origin": origin, "base": base}
 
 
+def require(missing: str) -> None:
+    """The one skip for a missing tool or service (Slurm, PostgreSQL, chromium): a skip that names
+    it and what installs it; under CI, where `make test` installs them all, a failure instead."""
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
@@ -191,10 +200,7 @@ def free_port() -> int:
 def launch_chromium(playwright):
     """Debian's chromium under Playwright, with no background network (this machine has none)."""
     chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: `make test` installs it (Debian package chromium)")
-        pytest.skip("chromium not installed (make test installs it)")
+    require("" if chromium else "chromium is not installed (`make test` installs Debian's chromium)")
     return playwright.chromium.launch(executable_path=chromium, args=[
         "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"])

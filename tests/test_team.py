@@ -20,15 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, dvc, env as stage_env, pushed_pipeline, run
+from conftest import REPO, dvc, env as stage_env, pushed_pipeline, require, run
 
 try:
     from team.services import ServiceError, alive, postgres_bin
     postgres_bin()
     SKIP = ""
 except ServiceError as error:
-    SKIP = f"PostgreSQL cannot be used here ({error})"
-pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP)
+    SKIP = f"PostgreSQL cannot be used here ({error}; `make test` installs Debian's postgresql)"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _postgres():
+    require(SKIP)
 
 PASSWORD = "team-test-admin-password"
 PY = sys.executable
