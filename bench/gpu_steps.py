@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from bench import cnn_throughput, estimate, gpu_api
 from pipeline import params as P
@@ -50,7 +49,7 @@ def _random_set(counts: dict, size: int, seed: int = 0) -> images.ImageSet:
 
 def _params(sizes: dict):
     """The project's params; in a dry run with toy image and batch sizes."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = P.load_yaml((ROOT / "params.yaml").read_text())
     if sizes["dry_run"]:
         raw["data"]["images"].update(source="synthetic", size=sizes["size"])
         raw["cnn"]["defaults"].update(batch_size=sizes["batch"], eval_batch_size=4 * sizes["batch"])
@@ -178,7 +177,7 @@ def projection(sizes: dict, device) -> dict:
     """The projected wall time of the whole default `dvc repro` here (bench/estimate.py's figures
     per stage: CNN stages timed on this device, MLP stages on this CPU, the rest fixed)."""
     params, raw = _params(sizes)
-    stages = stage_names(yaml.safe_load((ROOT / "dvc.yaml").read_text()), raw)
+    stages = stage_names(P.load_yaml((ROOT / "dvc.yaml").read_text()), raw)
     if sizes["dry_run"]:   # one stage of each kind: the code path, not the figure
         stages = list({stage.split("@")[0]: stage for stage in reversed(stages)}.values())[::-1]
     cache, per_stage = {}, {}

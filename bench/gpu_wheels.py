@@ -1,8 +1,8 @@
 """The wheels the GPU check carries, and what travels to the device (`make wheels`).
 
 The GPU machine (CPython 3.12, torch 2.11, torchvision 0.26, numpy, pandas, scikit-learn,
-matplotlib, pyyaml, pytest, tqdm, psutil) lacks what the check's steps import: pydantic (the
-params) and medmnist (its `info` and `evaluator` modules, for the metrics). pydantic comes with
+matplotlib, pyyaml, pytest, tqdm, psutil) lacks what the check's steps import: pydantic and ruamel.yaml
+(the params) and medmnist (its `info` and `evaluator` modules, for the metrics). pydantic comes with
 its dependency closure from this venv; medmnist alone (install --no-deps: the modules the
 project imports need only numpy, pandas and scikit-learn, and its scikit-image/fire extras would
 weigh more than everything else). No step needs mlflow or dvc (the projection reads dvc.yaml as
@@ -21,7 +21,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-WITH_DEPS = ["pydantic"]
+WITH_DEPS = ["pydantic", "ruamel.yaml"]
 NO_DEPS = ["medmnist"]
 ON_GPU_MACHINE = {"torch", "torchvision", "scikit-learn", "pandas", "matplotlib", "numpy", "scipy", "pillow",
                   "triton", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec",

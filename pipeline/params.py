@@ -5,16 +5,16 @@ on its own. Wrong types, out-of-range values, unknown names and unknown keys (ty
 `ParamsError` with the full key, the bad value and what is allowed, one line per problem.
 """
 
-import re
 import sys
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
-import yaml
 from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, \
     ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass
+
+from ruamel.yaml import YAML, YAMLError
 
 from pipeline.paths import REPO_ROOT
 
@@ -280,8 +280,8 @@ def _type_at(tp, loc):
 def _quoted_number(value) -> bool:
     """"10" or '1e-05': YAML reads a number once the quotes go."""
     try:
-        return isinstance(value, str) and type(yaml.load(value, Loader=YamlLoader)) in (int, float)
-    except yaml.YAMLError:
+        return isinstance(value, str) and type(load_yaml(value)) in (int, float)
+    except YAMLError:
         return False
 
 
@@ -345,21 +345,13 @@ def parse(raw: dict) -> Params:
     return params
 
 
-class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats: `1e-05` (how DVC writes `-S key=1e-5`), `5E-4`
-    and `1.0e+3` are numbers, not strings. Everything else resolves as in SafeLoader."""
+# YAML 1.2, as DVC reads and writes params.yaml (ruamel.yaml, DVC's own parser): `1e-05` (how DVC
+# writes `-S key=1e-5`), `5E-4` and `1.0e+3` are numbers, `yes`/`no` stay strings.
+YAML_12 = YAML(typ="safe", pure=True)
 
 
-YamlLoader.yaml_implicit_resolvers = {
-    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:float"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
-     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-    |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+def load_yaml(text: str):
+    return YAML_12.load(text)
 
 
 def load(path: str | Path | None = None) -> Params:
@@ -367,8 +359,8 @@ def load(path: str | Path | None = None) -> Params:
     if not path.exists():
         raise ParamsError(f"{path} not found: run the stage from the repository root ({REPO_ROOT})")
     try:
-        raw = yaml.load(path.read_text(), Loader=YamlLoader)
-    except yaml.YAMLError as error:
+        raw = load_yaml(path.read_text())
+    except YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
     return parse(raw)
 

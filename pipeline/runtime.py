@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import DISK_FULL, DataError, StageError, disk_full_message, redact
-from pipeline.params import ParamsError
+from pipeline.params import ParamsError, load_yaml
 
 
 def _interrupt(signum, frame):
@@ -94,9 +94,7 @@ def _check_exp_params(path: Path) -> None:
         return
     if asked.returncode != 0:   # not a workspace run (a queued copy), or an older DVC
         return
-    import yaml
-
-    wanted, found = yaml.safe_load(asked.stdout), yaml.safe_load(path.read_text())
+    wanted, found = load_yaml(asked.stdout), load_yaml(path.read_text())
     if wanted != found:
         keys = ", ".join(sorted(_differences(wanted, found))) or "its contents"
         raise StageError(f"params.yaml is not what experiment '{os.environ['DVC_EXP_NAME']}' asked for "
