@@ -75,10 +75,12 @@ PIPELINE_TIMEOUT = 3600   # the whole small pipeline took 21+ min on a loaded 2-
 
 def pytest_collection_modifyitems(items):
     """A test that builds the session pipeline may spend its whole `dvc exp run` in its setup:
-    it gets that run's time limit on top of pytest.ini's per-test one."""
+    it gets that run's time limit on top of pytest.ini's per-test one, and is slow (so
+    `-m "not slow"` never builds the pipeline)."""
     for item in items:
         if "pipeline_repo" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(PIPELINE_TIMEOUT + 1200))
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
