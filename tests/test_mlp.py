@@ -204,7 +204,7 @@ def test_baselines_on_a_series_worked_out_by_hand():
 
 @pytest.mark.parametrize("norm", ["none", "last", "mean"])
 def test_the_ridge_residual_starts_from_its_base_and_never_ends_worse_than_the_naive_forecast(norm):
-    data = _sine_data(level=np.linspace(0, 3, 1500))
+    data = _sine_data(level=np.linspace(0, 3, 1200))
     cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=2, window_norm=norm, residual="linear")
     stuck = fit(data, replace(cfg, lr=1e-12), seed=0)   # no learning: epoch 0, the base forecast, is kept
     base_val = stuck.base.val_loss[stuck.base.ridge]
