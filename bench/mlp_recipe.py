@@ -36,7 +36,9 @@ BEFORE = dict(lr=2.0, weight_decay=0.001, epochs=10, patience=3, lr_schedule="st
 CANDIDATES = {
     "before (auto norm)": {},
     "plain, cosine, 20 epochs, patience 5": dict(window_norm="none", lr_schedule="cosine", epochs=20, patience=5),
-    "residual ridge, auto norm, step 0.5 (adopted)": dict(residual="linear"),
+    "residual ridge, auto norm, step 0.5": dict(residual="linear"),
+    "residual ridge, none, cosine, 20 epochs, patience 5 (adopted, auto norm)": dict(
+        window_norm="none", residual="linear", lr_schedule="cosine", epochs=20, patience=5),
     "residual ridge, none, lr 0.4": dict(window_norm="none", residual="linear", lr=0.4),
     "residual ridge, none, lr 0.1": dict(window_norm="none", residual="linear", lr=0.1),
     "residual ridge, none, cosine, lr 0.4": dict(window_norm="none", residual="linear", lr_schedule="cosine", lr=0.4),

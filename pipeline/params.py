@@ -125,9 +125,9 @@ class Mlp:
     lr: Float = Field(2.0, gt=0)
     weight_decay: Float = Field(1e-3, ge=0)
     batch_size: Int = Field(32, ge=1)
-    epochs: Int = Field(10, ge=1)
-    patience: Int = Field(3, ge=1)
-    lr_schedule: Literal["step", "cosine"] = "step"   # step: times lr_decay every epoch; cosine: lr -> 0 over epochs
+    epochs: Int = Field(20, ge=1)
+    patience: Int = Field(5, ge=1)
+    lr_schedule: Literal["step", "cosine"] = "cosine"   # step: times lr_decay every epoch; cosine: lr -> 0 over epochs
     lr_decay: Float = Field(0.5, gt=0, le=1)  # step: learning rate multiplied by this after every epoch
     clip_norm: Float = Field(1.0, ge=0)       # clip the global gradient norm to this (0 = no clipping)
     # Per-window normalisation: subtract the window's last value (or mean) and add it back.

@@ -80,7 +80,7 @@ def test_fit_learns_a_predictable_series_and_keeps_the_best_weights():
                for s, part in (("train", series[:2000]), ("val", series[2000:2500]), ("test", series[2500:]))}
     data = ForecastData.from_windows(windows, np.float32)
     cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=32, lr=0.5, epochs=4, weight_decay=0.0, window_norm="none",
-              lr_decay=0.5, residual="none")
+              lr_decay=0.5, residual="none", lr_schedule="step")
     result = fit(data, cfg, seed=0)
     mse = evaluate(result.params, data.x_test, data.y_test, cfg)["mse"]
     assert mse < 0.05, mse   # the series' variance is 0.5: the model must have learnt it

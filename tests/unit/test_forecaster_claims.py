@@ -19,7 +19,7 @@ L, P, H, K = 8, 3, 6, 3
 def _cfg(**kw) -> Mlp:
     base = dict(input_len=L, pred_len=P, kernel=K, hidden=H, lr=0.05, weight_decay=0.0, batch_size=4, epochs=1,
                 patience=3, lr_decay=1.0, clip_norm=0.0, window_norm="none", optimizer="sgd", momentum=0.9,
-                dtype="float64", residual="none")
+                dtype="float64", residual="none", lr_schedule="step")
     base.update(kw)
     return Mlp(**base)
 
