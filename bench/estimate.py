@@ -36,7 +36,7 @@ from pipeline import devices, params as P, progress
 from pipeline.models import mlp_forecaster
 from pipeline.paths import ett_csv
 from pipeline.train import cnn_loop
-from pipeline.train.forecaster import NORMALISATIONS
+from pipeline.train.forecaster import norm_candidates
 
 STAGE_OVERHEAD_S = 15.0   # measured: mlp@default stage 48 s wall, 33 s of it training (2-core CPU)
 # Not measured (seconds on a 2-core CPU): small, or bound by the network.
@@ -45,6 +45,8 @@ ETT_CHANNELS = 7
 # The naive baselines of an MLP stage (closed-form least squares on ETTh1's 57k train rows, then
 # the test and validation forecasts): measured 5.5 s of CPU on the 2-core machine.
 MLP_BASELINES_S = 6.0
+# residual: linear: each fit solves its per-channel ridge base (ETTh1: 7 channels x 6 strengths).
+MLP_RIDGE_BASE_S = 2.0
 
 
 def stale_stages(root: Path, targets: list[str] | None = None) -> list[str]:
@@ -157,12 +159,16 @@ def mlp_estimate(stage: str, params, n_steps: int) -> tuple[float, str]:
     eval_s_per_row = (time.perf_counter() - start) / (8 * rows)
     steps = -(-windows["train"] // cfg.batch_size)
     eval_per_epoch = windows["eval"] * channels * eval_s_per_row
-    # auto tries none/last/mean/revin on the first seed, then trains the choice on the other seeds
-    fits = (len(NORMALISATIONS) if cfg.window_norm == "auto" else 1) + cfg.seeds - 1
-    seconds = fits * progress.project(step_s, steps, cfg.epochs, eval_per_epoch) + MLP_BASELINES_S + STAGE_OVERHEAD_S
+    # auto tries each normalisation on the first seed (none/last/mean, + revin without the residual),
+    # then trains the choice on the other seeds; each residual fit first solves its ridge base
+    fits = len(norm_candidates(cfg)) + cfg.seeds - 1
+    base_s = MLP_RIDGE_BASE_S if cfg.residual == "linear" else 0.0
+    seconds = (fits * (progress.project(step_s, steps, cfg.epochs, eval_per_epoch) + base_s) + MLP_BASELINES_S
+               + STAGE_OVERHEAD_S)
     detail = (f"at most {fits} fit(s) x {cfg.epochs} epochs x {steps} steps at {step_s * 1000:.1f} ms/step"
-              f" + evaluation {eval_per_epoch:.1f}s/epoch + {MLP_BASELINES_S:.0f}s of baselines; early stopping "
-              f"can end it sooner")
+              f" + evaluation {eval_per_epoch:.1f}s/epoch" + (f" + {base_s:.0f}s of ridge base" if base_s else "")
+              + f" per fit + {MLP_BASELINES_S:.0f}s of baselines; early stopping can end it sooner (the "
+              f"residual one often after `patience` epochs)")
     return seconds, f"projected: {progress.format_seconds(seconds)} for {stage} on cpu ({detail})"
 
 

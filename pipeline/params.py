@@ -125,9 +125,9 @@ class Mlp:
     lr: Float = Field(2.0, gt=0)
     weight_decay: Float = Field(1e-3, ge=0)
     batch_size: Int = Field(32, ge=1)
-    epochs: Int = Field(10, ge=1)
-    patience: Int = Field(3, ge=1)
-    lr_schedule: Literal["step", "cosine"] = "step"   # step: times lr_decay every epoch; cosine: lr -> 0 over epochs
+    epochs: Int = Field(20, ge=1)
+    patience: Int = Field(5, ge=1)
+    lr_schedule: Literal["step", "cosine"] = "cosine"   # step: times lr_decay every epoch; cosine: lr -> 0 over epochs
     lr_decay: Float = Field(0.5, gt=0, le=1)  # step: learning rate multiplied by this after every epoch
     clip_norm: Float = Field(1.0, ge=0)       # clip the global gradient norm to this (0 = no clipping)
     # Per-window normalisation: subtract the window's last value (or mean) and add it back.
@@ -137,9 +137,11 @@ class Mlp:
     momentum: Float = Field(0.9, ge=0, lt=1)
     dtype: Literal["float32", "float64"] = "float32"
     seeds: Int = Field(5, ge=1)       # seeds base.seed, base.seed+1, ...; the headline is their mean
-    # linear: the MLPs learn the residual of the closed-form least-squares linear forecast
-    # (fitted on the train windows), starting from it; none: the MLPs forecast on their own.
-    residual: Literal["none", "linear"] = "none"
+    # linear: the MLPs learn the residual of a closed-form per-channel ridge forecast of the
+    # normalised window (fitted on the train windows, strength chosen on validation among `ridge`
+    # and inf = the naive forecast), starting from it; none: the MLPs forecast on their own.
+    residual: Literal["none", "linear"] = "linear"
+    ridge: list[Annotated[Float, Field(ge=0)]] = Field(default_factory=lambda: [0.0, 0.01, 0.1, 1.0, 10.0, 100.0])
 
     @field_validator("kernel")
     @classmethod
@@ -151,10 +153,11 @@ class Mlp:
     @field_validator("residual")
     @classmethod
     def _residual_needs_raw_windows(cls, residual: str, info) -> str:
-        # The linear forecast already follows each window's level; a per-window offset added back
-        # on top of it would count the level twice.
-        if residual == "linear" and info.data.get("window_norm") != "none":
-            raise ValueError("residual: linear needs window_norm: none (the linear forecast follows the level)")
+        # The base maps the window as the MLPs see it; under revin that is rescaled per window by a
+        # learned map, which a closed-form base fitted once cannot follow.
+        if residual == "linear" and info.data.get("window_norm") == "revin":
+            raise ValueError("residual: linear needs window_norm auto, none, last or mean (not revin); "
+                             "set window_norm to one of them or residual: none")
         return residual
 
 

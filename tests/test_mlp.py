@@ -80,7 +80,7 @@ def test_fit_learns_a_predictable_series_and_keeps_the_best_weights():
                for s, part in (("train", series[:2000]), ("val", series[2000:2500]), ("test", series[2500:]))}
     data = ForecastData.from_windows(windows, np.float32)
     cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=32, lr=0.5, epochs=4, weight_decay=0.0, window_norm="none",
-              lr_decay=0.5)
+              lr_decay=0.5, residual="none", lr_schedule="step")
     result = fit(data, cfg, seed=0)
     mse = evaluate(result.params, data.x_test, data.y_test, cfg)["mse"]
     assert mse < 0.05, mse   # the series' variance is 0.5: the model must have learnt it
@@ -94,7 +94,8 @@ def test_divergence_is_reported_with_the_way_out():
     windows = {s: (x, x[:, :, :4]) for s in ("train", "val", "test")}
     with pytest.raises(StageError, match=r"mlp@v: training diverged at epoch 1 .* lr 1000000.0; lower this variant's lr"):
         fit(ForecastData.from_windows(windows, np.float32), Mlp(input_len=8, pred_len=4, kernel=3, hidden=8,
-                                                                lr=1e6, clip_norm=0.0, window_norm="none"),
+                                                                lr=1e6, clip_norm=0.0, window_norm="none",
+                                                                residual="none"),
             seed=0, label="mlp@v")
 
 
@@ -151,7 +152,8 @@ def _sine_data(n=1200, channels=2, level=None, seed=0):
 def test_auto_keeps_the_lowest_validation_loss_and_never_reads_test():
     data = _sine_data()
     data.x_test = data.y_test = None   # the choice must not touch the test split
-    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=2, weight_decay=0.0, window_norm="auto")
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=2, weight_decay=0.0, window_norm="auto",
+              residual="none")
     chosen, results = fit_auto(data, cfg, seed=0)
     assert set(results) == set(NORMALISATIONS)
     assert results[chosen].best_val_loss == min(r.best_val_loss for r in results.values())
@@ -163,7 +165,8 @@ def test_auto_picks_a_window_normalisation_when_the_level_drifts():
     """A level that keeps rising past the train range: only per-window normalisation can follow it."""
     n = 1200
     data = _sine_data(n, level=np.linspace(0, 12, n))
-    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=3, weight_decay=0.0, window_norm="auto")
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=3, weight_decay=0.0, window_norm="auto",
+              residual="none")
     chosen, results = fit_auto(data, cfg, seed=0)
     assert chosen != "none", {k: r.best_val_loss for k, r in results.items()}
     assert results["none"].best_val_loss > 2 * results[chosen].best_val_loss
@@ -171,7 +174,7 @@ def test_auto_picks_a_window_normalisation_when_the_level_drifts():
 
 def test_a_fixed_window_norm_trains_only_that_one():
     data = _sine_data(600)
-    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=8, epochs=1, window_norm="revin")
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=8, epochs=1, window_norm="revin", residual="none")
     chosen, results = fit_auto(data, cfg, seed=0)
     assert chosen == "revin" and list(results) == ["revin"]
 
@@ -199,20 +202,34 @@ def test_baselines_on_a_series_worked_out_by_hand():
     assert got["linear"] == pytest.approx({"mse": (9 + 36 + 81 + 9) / 4, "mae": (3 + 6 + 9 + 3) / 4})
 
 
-def test_the_linear_residual_starts_from_the_linear_forecast_and_never_ends_worse_on_validation():
-    data = _sine_data()
-    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=2, window_norm="none",
-              residual="linear")
-    linear_val = baselines(data, ("val",))["val"]["linear"]["mse"]
-    stuck = fit(data, replace(cfg, lr=1e-12), seed=0)   # no learning: epoch 0, the linear forecast, is kept
-    assert stuck.best_epoch == 0 and stuck.best_val_loss == pytest.approx(linear_val, rel=1e-5)
-    assert evaluate(stuck.params, data.x_val, data.y_val, cfg)["mse"] == pytest.approx(linear_val, rel=1e-5)
+@pytest.mark.parametrize("norm", ["none", "last", "mean"])
+def test_the_ridge_residual_starts_from_its_base_and_never_ends_worse_than_the_naive_forecast(norm):
+    data = _sine_data(level=np.linspace(0, 3, 1200))
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=16, lr=0.5, epochs=2, window_norm=norm, residual="linear")
+    stuck = fit(data, replace(cfg, lr=1e-12), seed=0)   # no learning: epoch 0, the base forecast, is kept
+    base_val = stuck.base.val_loss[stuck.base.ridge]
+    assert stuck.best_epoch == 0 and stuck.best_val_loss == pytest.approx(base_val, rel=1e-5)
+    assert evaluate(stuck.params, data.x_val, data.y_val, cfg)["mse"] == pytest.approx(base_val, rel=1e-5)
+    naive = baselines(data, ("val",))["val"]
+    own_naive = {"last": "repeat_last", "mean": "window_mean"}.get(norm)
+    if own_naive:   # the zero map under last/mean is that naive forecast, and it is a candidate
+        assert stuck.base.val_loss[float("inf")] == pytest.approx(naive[own_naive]["mse"], rel=1e-5)
+        assert stuck.best_val_loss <= naive[own_naive]["mse"] * (1 + 1e-6)
     assert fit(data, cfg, seed=0).best_val_loss <= stuck.best_val_loss
 
 
-def test_residual_linear_refuses_a_window_normalisation():
-    with pytest.raises(ValueError, match="residual: linear needs window_norm: none"):
-        Mlp(window_norm="last", residual="linear")
+def test_auto_with_the_residual_tries_none_last_and_mean():
+    data = _sine_data(600)
+    cfg = Mlp(input_len=24, pred_len=12, kernel=5, hidden=8, epochs=1, window_norm="auto", residual="linear")
+    chosen, results = fit_auto(data, cfg, seed=0)
+    assert list(results) == ["none", "last", "mean"] and all(r.base is not None for r in results.values())
+    assert results[chosen].best_val_loss == min(r.best_val_loss for r in results.values())
+
+
+def test_residual_linear_refuses_revin():
+    with pytest.raises(ValueError, match="residual: linear needs window_norm auto, none, last or mean"):
+        Mlp(window_norm="revin", residual="linear")
+    Mlp(window_norm="last", residual="linear")   # the base follows the normalised window
 
 
 def test_the_cosine_schedule_anneals_from_lr_towards_zero():
@@ -226,7 +243,7 @@ def test_the_stage_headline_holds_the_naive_baselines_of_its_test_windows(tmp_pa
     """metrics/mlp/<variant>.json (what `dvc exp show` lists) and MLflow hold the baselines."""
     params = small_params()
     params["mlp"]["defaults"].update(input_len=24, pred_len=24, kernel=5, hidden=8, epochs=1, seeds=1,
-                                     window_norm="none")
+                                     window_norm="none")   # the default residual: a ridge base, then the MLPs
     repo = make_repo_copy(tmp_path, params)
     (repo / "data" / "raw").mkdir(parents=True)
     shutil.copy(SHARED_DATA / "ETTh1.csv", repo / "data" / "raw" / "ETTh1.csv")

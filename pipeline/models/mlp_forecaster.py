@@ -61,30 +61,33 @@ def _decomposed_mlps(params: dict, x: np.ndarray, kernel: int, cache: dict):
 
 
 def linear_forecast(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """[x, 1] @ W: the least-squares linear forecast (W is (L+1, P), fitted in closed form)."""
-    return (x @ weights[:-1] + weights[-1]).astype(x.dtype, copy=False)
+    """[x, 1] @ W: a least-squares linear forecast fitted in closed form. W is (L+1, P), shared by
+    the channels, or (C, L+1, P), one map per channel (rows window-major: row r is channel r % C,
+    so x must hold whole windows)."""
+    if weights.ndim == 2:
+        return (x @ weights[:-1] + weights[-1]).astype(x.dtype, copy=False)
+    channels = len(weights)
+    by_channel = x.reshape(-1, channels, x.shape[-1]).transpose(1, 0, 2)          # (C, windows, L)
+    out = np.matmul(by_channel, weights[:, :-1]) + weights[:, -1:]                # (C, windows, P)
+    return out.transpose(1, 0, 2).reshape(len(x), -1).astype(x.dtype, copy=False)
 
 
 def forward(params: dict, x: np.ndarray, kernel: int, window_norm: str = "none"):
-    """Prediction and cache; with a fixed linear forecast in params (lin_w, residual: linear) the
-    MLPs add to it (lin_w is not trained, so backward has no gradient for it)."""
-    pred, cache = _forward(params, x, kernel, window_norm)
-    if "lin_w" in params:
-        pred = pred + linear_forecast(params["lin_w"], x)
-    return pred, cache
-
-
-def _forward(params: dict, x: np.ndarray, kernel: int, window_norm: str = "none"):
     """Prediction (rows, P) and the cache the backward pass needs.
 
     revin (Kim et al., 2022): each row is standardised by its own mean/std, then mapped by a learnt
     per-channel affine (rv_w, rv_b); the output goes through the inverse map. Rows are (window,
     channel) pairs in window-major order, so x must hold whole windows (rows % channels == 0).
+    With a fixed linear base in params (lin_w, residual: linear) the MLPs add to it: the base maps
+    the normalised window (the same one the MLPs see) and the offset is added back to their sum;
+    lin_w is not trained, so backward has no gradient for it.
     """
     cache = {"window_norm": window_norm, "kernel": kernel}
     if window_norm != "revin":
         x, offset = normalise(x, window_norm)
         out = _decomposed_mlps(params, x, kernel, cache)
+        if "lin_w" in params:
+            out = out + linear_forecast(params["lin_w"], x)
         return (out + offset if window_norm != "none" else out), cache
     channels = len(params["rv_w"])
     weight = np.tile(params["rv_w"], len(x) // channels)[:, None]   # (rows, 1)
@@ -145,7 +148,10 @@ def mse_grad(pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
 
 def predict(params: dict, x: np.ndarray, kernel: int, window_norm: str, chunk: int = 8192) -> np.ndarray:
     """Predictions for many rows, in chunks (of whole windows) to bound memory."""
-    if window_norm == "revin":
-        chunk -= chunk % len(params["rv_w"])
+    per_channel = [len(params["rv_w"])] if window_norm == "revin" else []
+    if "lin_w" in params and params["lin_w"].ndim == 3:
+        per_channel.append(len(params["lin_w"]))
+    for channels in per_channel:   # both are the same channel count
+        chunk -= chunk % channels
     return np.concatenate([forward(params, x[i:i + chunk], kernel, window_norm)[0]
                            for i in range(0, len(x), chunk)])

@@ -19,7 +19,7 @@ L, P, H, K = 8, 3, 6, 3
 def _cfg(**kw) -> Mlp:
     base = dict(input_len=L, pred_len=P, kernel=K, hidden=H, lr=0.05, weight_decay=0.0, batch_size=4, epochs=1,
                 patience=3, lr_decay=1.0, clip_norm=0.0, window_norm="none", optimizer="sgd", momentum=0.9,
-                dtype="float64")
+                dtype="float64", residual="none", lr_schedule="step")
     base.update(kw)
     return Mlp(**base)
 
@@ -409,3 +409,85 @@ def test_from_windows_does_not_copy_windows_that_already_have_the_dtype():
     assert np.shares_memory(same.x_train, x) and np.shares_memory(same.y_val, y)
     other = ForecastData.from_windows({"train": (x, y), "val": (x, y), "test": (x, y)}, np.float32)
     assert not np.shares_memory(other.x_train, x) and np.array_equal(other.x_train, x.reshape(12, 5))
+
+
+# -- the naive baselines and the ridge base (issue 22) ------------------------------------------
+
+def _hand_windows() -> ForecastData:
+    """Two test windows of two channels (L=3, P=2): row 2w + c is window w, channel c."""
+    x_test = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0], [4.0, 4.0, 1.0], [2.0, -2.0, 0.0]])
+    y_test = np.array([[3.0, 5.0], [6.0, 3.0], [0.0, 1.0], [1.0, -1.0]])
+    rng = np.random.default_rng(0)
+    x_train = rng.normal(size=(20, 3))
+    y_train = np.stack([x_train.sum(1), x_train[:, 0] - x_train[:, 2] + 1], 1)   # an exact linear map + bias
+    return ForecastData(x_train, y_train, x_train, y_train, x_test, y_test, n_channels=2)
+
+
+def test_baselines_on_two_channels_worked_out_by_hand():
+    got = forecaster.baselines(_hand_windows())["test"]
+    # repeat-last [[3,3],[6,6],[1,1],[0,0]] - y: 0,-2, 0,3, 1,0, -1,1 -> MSE 16/8, MAE 8/8
+    assert got["repeat_last"] == pytest.approx({"mse": 2.0, "mae": 1.0})
+    # window mean [[2,2],[2,2],[3,3],[0,0]] - y: -1,-3, -4,-1, 3,2, -1,1 -> MSE 42/8, MAE 16/8
+    assert got["window_mean"] == pytest.approx({"mse": 42 / 8, "mae": 2.0})
+    # least squares recovers the exact map: forecasts [[6,-1],[6,-5],[9,4],[0,3]] - y: 3,-6, 0,-8, 9,3, -1,4
+    assert got["linear"] == pytest.approx({"mse": (9 + 36 + 0 + 64 + 81 + 9 + 1 + 16) / 8,
+                                           "mae": (3 + 6 + 0 + 8 + 9 + 3 + 1 + 4) / 8})
+
+
+def test_ridge_path_is_lstsq_at_zero_the_augmented_problem_above_it_and_zero_at_inf():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 4)), rng.normal(size=(30, 2))
+    path = forecaster.ridge_path(x, y, [0.0, 0.5, float("inf")])
+    design = np.hstack([x, np.ones((30, 1))])
+    assert np.allclose(path[0.0], np.linalg.lstsq(design, y, rcond=None)[0])
+    # ridge r: least squares on the design stacked with sqrt(r * n) * I rows (the intercept row not shrunk)
+    shrink = np.hstack([np.sqrt(0.5 * 30) * np.eye(4), np.zeros((4, 1))])
+    augmented = np.linalg.lstsq(np.vstack([design, shrink]), np.vstack([y, np.zeros((4, 2))]), rcond=None)[0]
+    assert np.allclose(path[0.5], augmented)
+    assert not np.allclose(path[0.5], path[0.0]) and np.array_equal(path[float("inf")], np.zeros((5, 2)))
+
+
+def test_fit_base_fits_each_channel_in_the_normalised_space_and_chooses_on_validation():
+    data = _data(n_windows=40, channels=2, val_is_train=False)
+    base = forecaster.fit_base(data, "last", [0.0, 1.0])
+    assert set(base.val_loss) == {0.0, 1.0, float("inf")} and base.weights.shape == (2, L + 1, P)
+    assert base.val_loss[base.ridge] == min(base.val_loss.values())
+    for ridge, loss in base.val_loss.items():   # each strength's validation MSE, recomputed per channel
+        pred = np.zeros_like(data.y_val)
+        for c in range(2):
+            x, y = data.x_train[c::2], data.y_train[c::2]
+            w = forecaster.ridge_path(x - x[:, -1:], y - x[:, -1:], [ridge])[ridge]
+            xv = data.x_val[c::2]
+            pred[c::2] = model.linear_forecast(w, xv - xv[:, -1:]) + xv[:, -1:]
+        assert loss == pytest.approx(forecaster.scores(pred, data.y_val)["mse"], rel=1e-9)
+    # inf is the zero map: under last that is repeat-last, so the base is never worse than it on validation
+    repeat_last = forecaster.baselines(data, ("val",))["val"]["repeat_last"]["mse"]
+    assert base.val_loss[float("inf")] == pytest.approx(repeat_last) and base.val_loss[base.ridge] <= repeat_last
+
+
+def test_the_residual_fit_starts_from_the_base_forecast_with_zero_mlp_output(monkeypatch):
+    data = _data(n_windows=40, channels=2, val_is_train=False)
+    cfg = _cfg(residual="linear", window_norm="mean", ridge=[0.0, 1.0], lr=1e-12, epochs=2)
+    seen = []   # the weights of fit()'s first forward pass: epoch 0's validation, before any update
+    real_forward = model.forward
+
+    def spy(params, x, kernel, window_norm="none"):
+        if not seen:
+            seen.append({k: v.copy() for k, v in params.items()})
+        return real_forward(params, x, kernel, window_norm)
+
+    monkeypatch.setattr(model, "forward", spy)
+    result = forecaster.fit(data, cfg, seed=0)
+    start = seen[0]
+    assert not start["s_w2"].any() and not start["t_w2"].any() and not start["s_b2"].any()   # MLP output 0
+    offset = data.x_val.mean(axis=1, keepdims=True)
+    by_hand = model.linear_forecast(result.base.weights, data.x_val - offset) + offset
+    assert np.allclose(model.predict(start, data.x_val, K, "mean"), by_hand)   # epoch 0 is the base forecast
+    # epoch 0 competes in early stopping: the best validation loss is at most the base's
+    assert result.best_val_loss <= result.base.val_loss[result.base.ridge] * (1 + 1e-12)
+
+
+def test_fit_auto_with_the_residual_skips_revin():
+    assert forecaster.norm_candidates(_cfg(window_norm="auto", residual="linear")) == ("none", "last", "mean")
+    assert forecaster.norm_candidates(_cfg(window_norm="auto")) == forecaster.NORMALISATIONS
+    assert forecaster.norm_candidates(_cfg(window_norm="last", residual="linear")) == ("last",)

@@ -282,3 +282,40 @@ def test_init_params_follow_the_seed():
     draws = [rng.normal(0, 1, size=s) for s in ((L, H), (H, P), (L, H), (H, P))]
     assert np.allclose(a["s_w1"], draws[0] * np.sqrt(2 / L)) and np.allclose(a["s_w2"], draws[1] * np.sqrt(2 / H))
     assert np.allclose(a["t_w1"], draws[2] * 0.01) and np.allclose(a["t_w2"], draws[3] * 0.01)
+
+
+# -- the linear base (residual: linear) ---------------------------------------------------------
+
+def test_linear_forecast_shared_and_per_channel_by_hand():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, L))                       # 3 windows x 2 channels, window-major
+    shared = rng.normal(size=(L + 1, P))
+    assert np.allclose(model.linear_forecast(shared, x), x @ shared[:-1] + shared[-1])
+    per_channel = rng.normal(size=(2, L + 1, P))
+    by_hand = np.stack([row @ per_channel[r % 2, :-1] + per_channel[r % 2, -1] for r, row in enumerate(x)])
+    assert np.allclose(model.linear_forecast(per_channel, x), by_hand)
+
+
+@pytest.mark.parametrize("mode", ["none", "last", "mean"])
+def test_forward_with_a_base_adds_it_on_the_normalised_window(mode):
+    rng = np.random.default_rng(4)
+    params = {**_params(), "lin_w": rng.normal(size=(2, L + 1, P))}
+    x = rng.normal(size=(4, L)) + 3.0
+    offset = {"none": 0.0, "last": x[:, -1:], "mean": x.mean(1, keepdims=True)}[mode]
+    u = x - offset
+    expected = _decomposed(params, u) + model.linear_forecast(params["lin_w"], u) + offset
+    assert np.allclose(model.forward(params, x, K, mode)[0], expected)
+    # the base is fixed: backward gives no gradient for it, and the same gradients as without it
+    pred, cache = model.forward(params, x, K, mode)
+    grads = model.backward(params, cache, np.ones_like(pred))
+    without = {k: v for k, v in params.items() if k != "lin_w"}
+    assert "lin_w" not in grads
+    ref = model.backward(without, model.forward(without, x, K, mode)[1], np.ones_like(pred))
+    assert all(np.allclose(grads[k], ref[k]) for k in ref)
+
+
+def test_predict_with_a_per_channel_base_chunks_whole_windows():
+    rng = np.random.default_rng(5)
+    params = {**_params(), "lin_w": rng.normal(size=(3, L + 1, P))}
+    x = rng.normal(size=(30, L))
+    assert np.allclose(model.predict(params, x, K, "last", chunk=8), model.forward(params, x, K, "last")[0])
