@@ -29,13 +29,11 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 import torch
-import yaml
 
 from bench import cnn_throughput
 from pipeline import devices, params as P, progress
 from pipeline.models import mlp_forecaster
 from pipeline.paths import ett_csv
-from pipeline.train import cnn_loop
 from pipeline.train.forecaster import norm_candidates
 
 STAGE_OVERHEAD_S = 15.0   # measured: mlp@default stage 48 s wall, 33 s of it training (2-core CPU)
@@ -195,7 +193,7 @@ def main(argv=None) -> int:
 
     root = Path.cwd()
     params = P.load(root / "params.yaml")
-    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw = P.load_yaml((root / "params.yaml").read_text())
     stages = stale_stages(root, args.targets)
     device = devices.resolve_device(params.base.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
