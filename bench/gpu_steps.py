@@ -20,10 +20,10 @@ import torch
 from bench import cnn_throughput, estimate, gpu_api
 from pipeline import params as P
 from pipeline.data import images
-from pipeline.models import cnn
+from pipeline.models import cnn, registry
 from pipeline.train import cnn_loop
 
-MODELS = ("resnet18", "densenet121")
+MODELS = tuple(registry.MODELS)
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -50,7 +50,14 @@ def artifact_root() -> Path:
     return main_repo_root() / "mlartifacts"
 
 
+# Set by MLflow itself on every run started with mlflow.start_run from a script inside a git
+# repository (its git context provider reads the commit of sys.argv[0]'s repository: the
+# checkout, or a queued run's DVC temp copy, whose HEAD is the experiment's baseline commit).
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+
 def git_commit() -> str:
+    """The commit of this checkout, for the report's header (the report is not an MLflow run)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -146,13 +153,15 @@ class Tracker:
     def __init__(self, family: str, run_name: str, data_source: str, extra_tags: dict | None = None):
         self.experiment = EXPERIMENTS[family]
         self.run_name = run_name
-        self.tags = {"stage": run_name, "data_source": data_source, "git_commit": git_commit(),
+        # the commit is MLflow's own tag (GIT_COMMIT_TAG)
+        self.tags = {"stage": run_name, "data_source": data_source,
                      "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
                      # who runs it: a later start of the stage marks the run KILLED if that process is gone
                      "host": socket.gethostname(), "pid": str(os.getpid()), **(extra_tags or {})}
         self.failure: str | None = None
         self.run_id = ""
         self.experiment_id = ""
+        self.commit = ""   # what MLflow recorded under GIT_COMMIT_TAG; "" untracked or outside git
         self._mlflow = None
 
     # -- guarded calls -------------------------------------------------------------------------
@@ -191,6 +200,7 @@ class Tracker:
             run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=self.run_name,
                                    tags=self.tags, log_system_metrics=system)
             self.run_id, self.experiment_id = run.info.run_id, experiment.experiment_id
+            self.commit = run.data.tags.get(GIT_COMMIT_TAG, "")
 
         self._call("start run", start)
         return self
@@ -291,7 +301,7 @@ class Tracker:
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "experiment": self.experiment,
                 "ui_path": f"#/experiments/{self.experiment_id}/runs/{self.run_id}" if self.run_id else "",
                 "tracking_uri": _redact(tracking_uri()), "tracking_failed": redact(self.failure or ""),
-                "data_source": self.tags["data_source"], "git_commit": self.tags["git_commit"]}
+                "data_source": self.tags["data_source"], "git_commit": self.commit}
 
 
 def _tree(root: Path) -> set[Path]:

@@ -1,5 +1,6 @@
-"""Stage features: one channel of the feature map after each stage of the trained ResNet-18
-(stem, layer1..layer4) for one test image: spatial size shrinks while channels grow."""
+"""Stage features: one channel of the feature map after each stage of the trained ResNet-18 (its
+registry `feature_maps`: stem, layer1..layer4) for one test image: spatial size shrinks while
+channels grow."""
 
 from pathlib import Path
 
@@ -14,18 +15,8 @@ from pipeline.errors import StageError
 from pipeline.runtime import run_stage
 from pipeline.train.augment import to_input
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
-
-
-@torch.no_grad()
-def feature_maps(model: torch.nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Activations after the stem (conv, bn, relu, maxpool) and each residual stage."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(image))))
-    maps = {"stem": x}
-    for name in STAGES[1:]:
-        x = getattr(model, name)(x)
-        maps[name] = x
-    return maps
+# The trained model whose maps are drawn (dvc.yaml's deps name its checkpoint and experiment params).
+MODEL = "resnet18"
 
 
 def main(argv):
@@ -34,15 +25,17 @@ def main(argv):
     index, channel = params.features.image_index, params.features.channel
     if not 0 <= index < len(data.labels["test"]):
         raise StageError(f"features.image_index {index} is outside the {len(data.labels['test'])} test images")
-    model = cnn.build("resnet18", data.n_classes, in_channels=data.channels)
-    model.load_state_dict(torch.load(MODELS / "cnn" / "resnet18.pt", map_location="cpu", weights_only=True))
+    model = cnn.build(MODEL, data.n_classes, in_channels=data.channels)
+    model.load_state_dict(torch.load(MODELS / "cnn" / f"{MODEL}.pt", map_location="cpu", weights_only=True))
     model.eval()
-    # The input as the resnet18 experiment saw it: normalised, and enlarged when it asked for that.
-    size = cnn.check_image_size("resnet18", data.size, params.cnn_experiment("resnet18").upsample_to)
+    # The input as the experiment saw it: normalised, and enlarged when it asked for that.
+    size = cnn.check_image_size(MODEL, data.size, params.cnn_experiment(MODEL).upsample_to)
     image = cnn.resize_batch(to_input(torch.from_numpy(data.images["test"][index:index + 1]).permute(0, 3, 1, 2)), size)
-    maps = feature_maps(model, image)
-    if channel >= min(m.shape[1] for m in maps.values()):
-        raise StageError(f"features.channel {channel} is beyond the stem's {maps['stem'].shape[1]} channels")
+    maps = cnn.feature_maps(model, MODEL, image)
+    fewest = min(maps, key=lambda label: maps[label].shape[1])
+    if channel >= maps[fewest].shape[1]:
+        raise StageError(f"features.channel {channel} is beyond the {fewest}'s {maps[fewest].shape[1]} channels; "
+                         f"use 0 to {maps[fewest].shape[1] - 1}")
     shown = data.images["test"][index]
     panels = [("input", shown[..., 0] if data.channels == 1 else shown)]
     panels += [(f"{name}: {m.shape[2]}×{m.shape[3]}, {m.shape[1]} channels (#{channel})", m[0, channel].numpy())
@@ -50,7 +43,7 @@ def main(argv):
     label = data.labels["test"][index]
     label = f"labels {np.flatnonzero(label).tolist()}" if data.multi_label else f"label {int(label[0])}"
     source = f"{data.title} {data.size}px" + (", synthetic" if data.source == "synthetic" else "")
-    figures.panels(panels, f"ResNet-18 feature maps, test image {index} ({source}, {label})",
+    figures.panels(panels, f"{cnn.spec(MODEL).title} feature maps, test image {index} ({source}, {label})",
                    Path("figures/features/feature_maps.png"))
     print("figures/features/feature_maps.png: " + ", ".join(f"{n} {tuple(m.shape[1:])}" for n, m in maps.items()))
 

@@ -86,7 +86,7 @@ def test_model_factory_errors_name_the_way_out():
         cnn.build("vgg16", 9)
     with pytest.raises(cnn.ModelError, match="densenet121 needs images of at least 32 px"):
         cnn.check_image_size("densenet121", 28)
-    assert cnn.head(cnn.build("resnet18", 5)).out_features == 5
+    assert cnn.head(cnn.build("resnet18", 5), "resnet18").out_features == 5
 
 
 def test_finetune_loads_a_local_checkpoint(local_densenet_weights):

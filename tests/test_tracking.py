@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SHARED_DATA, VENV_BIN, env, free_port, make_repo_copy, run, small_params
+from conftest import SHARED_DATA, VENV_BIN, dvc, env, free_port, make_repo_copy, run, small_params
 from pipeline.paths import main_repo_root
-from pipeline.tracking import _redact
+from pipeline.tracking import GIT_COMMIT_TAG, _redact
 
 
 @pytest.fixture
@@ -69,6 +69,24 @@ def test_stage_logs_to_a_real_mlflow_server(backprop_repo, mlflow_server):
     assert not (backprop_repo / "mlflow.db").exists()     # nothing went to the local store
     info = json.loads((backprop_repo / "metrics/backprop.run.json").read_text())
     assert info["run_id"] == run_.info.run_id and info["tracking_uri"] == mlflow_server
+
+
+def test_runs_carry_mlflows_own_git_commit_also_from_a_temporary_dvc_experiment(backprop_repo):
+    # MLflow's git context (not this project's code) tags the commit; a queued run goes through the
+    # same temporary copy as --temp, a separate git repository checked out at the baseline commit
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=backprop_repo, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    run([sys.executable, "-m", "stages.backprop"], backprop_repo)
+    dvc(backprop_repo, "exp", "run", "--temp", "-n", "tagged", "-S", "backprop.lr=0.2", "backprop", timeout=900)
+    client = MlflowClient(tracking_uri=f"sqlite:///{backprop_repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("part1-backprop").experiment_id])
+    assert sorted(r.data.tags["dvc_exp_name"] for r in runs) == ["", "tagged"]
+    for run_ in runs:
+        assert run_.info.status == "FINISHED"
+        assert run_.data.tags[GIT_COMMIT_TAG] == head and "git_commit" not in run_.data.tags
+    assert ".dvc/tmp/exps/" in next(r for r in runs if r.data.tags["dvc_exp_name"]).data.tags["mlflow.source.name"]
+    info = json.loads((backprop_repo / "metrics/backprop.run.json").read_text())
+    assert info["git_commit"] == head
 
 
 @pytest.fixture

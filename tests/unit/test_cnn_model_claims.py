@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import StageError
-from pipeline.models import cnn
+from pipeline.models import cnn, registry
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +76,7 @@ def test_resnet18_from_scratch_is_torchvisions_resnet18_with_an_n_classes_head(r
     assert _shapes(model) == expected
     assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [2, 2, 2, 2]
     assert type(model.fc) is nn.Linear and (model.fc.in_features, model.fc.out_features) == (512, 7)
-    assert cnn.head(model) is model.fc
+    assert cnn.head(model, "resnet18") is model.fc
     model.eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 7)
@@ -128,7 +128,7 @@ def test_pretrained_resnet_loads_the_local_state_dict_and_checks_its_sha256(resn
     saved, state = resnet_ref.state_dict(), model.state_dict()
     body = [k for k in saved if not k.startswith("fc.")]
     assert body and all(torch.equal(state[k], saved[k]) for k in body)
-    assert tuple(model.fc.weight.shape) == (5, 512) and cnn.head(model) is model.fc
+    assert tuple(model.fc.weight.shape) == (5, 512) and cnn.head(model, "resnet18") is model.fc
 
 
 def test_a_wrong_sha256_is_refused_with_both_digests(small_file):
@@ -236,7 +236,7 @@ def test_pretrained_densenet_with_old_key_names_loads_and_gets_a_grayscale_stem(
     conv0 = model.features.conv0
     assert (conv0.in_channels, conv0.out_channels, conv0.kernel_size, conv0.stride, conv0.padding) == \
            (1, 64, (7, 7), (2, 2), (3, 3)) and conv0.bias is None
-    assert cnn.head(model) is model.classifier and type(model.classifier) is nn.Linear
+    assert cnn.head(model, "densenet121") is model.classifier and type(model.classifier) is nn.Linear
     assert (model.classifier.in_features, model.classifier.out_features) == (1024, 5)
     assert not hasattr(model, "fc")
     model.eval()
@@ -277,7 +277,7 @@ def test_a_failed_download_says_exactly_what_to_do_offline(monkeypatch, tmp_path
     calls = _fake_download(monkeypatch, urllib.error.URLError("no network"))
     with pytest.raises(cnn.ModelError) as caught:
         cnn._imagenet_state_dict(name, "", "")
-    weights = getattr(torchvision.models, cnn.IMAGENET_WEIGHTS[name]).IMAGENET1K_V1
+    weights = getattr(torchvision.models, registry.MODELS[name].weights).IMAGENET1K_V1
     assert calls[0][0] is weights
     message = str(caught.value)
     assert message.startswith(f"could not get ImageNet weights for {name} (URLError: <urlopen error no network>). ")
@@ -292,7 +292,7 @@ def test_a_failed_download_says_exactly_what_to_do_offline(monkeypatch, tmp_path
 
 @pytest.mark.parametrize("name,minimum", [("resnet18", 16), ("densenet121", 32)])
 def test_check_image_size_accepts_the_minimum_and_refuses_one_below_naming_both_ways_out(name, minimum):
-    assert cnn.MIN_SIZE[name] == minimum
+    assert registry.MODELS[name].min_size == minimum
     assert cnn.check_image_size(name, minimum) == minimum
     assert cnn.check_image_size(name, minimum + 36) == minimum + 36
     with pytest.raises(cnn.ModelError) as caught:
