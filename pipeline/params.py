@@ -16,6 +16,7 @@ from pydantic.dataclasses import dataclass
 
 from ruamel.yaml import YAML, YAMLError
 
+from pipeline.models import registry
 from pipeline.paths import REPO_ROOT
 
 
@@ -34,7 +35,7 @@ Overrides = Annotated[dict[Str, Any], BeforeValidator(lambda v: {} if v is None 
 CONFIG = ConfigDict(extra="forbid", validate_default=True)
 
 # The names the stages accept (one place: the schema and the code that dispatches on them).
-CNN_MODELS = ("resnet18", "densenet121")
+CNN_MODELS = tuple(registry.MODELS)   # one entry per CNN: pipeline/models/registry.py
 AUGMENTATIONS = ("hflip", "rotation")
 SCHEDULERS = ("cosine", "step", "none")
 MEDMNIST_TASKS = ("multi-class", "multi-label, binary-class", "binary-class", "ordinal-regression")
