@@ -21,10 +21,11 @@ import numpy as np
 from pipeline.data.fetch import fetch
 from pipeline.errors import DataError
 from pipeline.outputs import atomic_path
+from pipeline.models import registry
 from pipeline.params import MEDMNIST_TASKS
 
 SPLITS = ("train", "val", "test")
-MIN_SIZE = 8          # px; the models need more (resnet18 16, densenet121 32) unless cnn upsample_to enlarges
+MIN_SIZE = 8          # px; the models need more (registry min_size) unless cnn upsample_to enlarges
 MAX_CLASSES = 1000    # a label above this is a mistake (e.g. raw ids), not a 100000-way head
 MULTI_LABEL = "multi-label, binary-class"
 BINARY = "binary-class"
@@ -241,9 +242,9 @@ def load(path: Path, name: str | None = None, task: str | None = None, source: s
 def check_size(path: Path, size: int) -> None:
     """The smallest images the pipeline takes (the same floor as data.images.size), with the models' needs."""
     if size < MIN_SIZE:
+        needs = " and ".join(f"{name} needs {spec.min_size}" for name, spec in registry.MODELS.items())
         raise DataError(f"{path}: the images are {size} px; the minimum is {MIN_SIZE} px (data.images.size >= "
-                        f"{MIN_SIZE}; resnet18 needs 16 and densenet121 32 unless cnn.defaults.upsample_to "
-                        "enlarges them); resize the images")
+                        f"{MIN_SIZE}; {needs} unless cnn.defaults.upsample_to enlarges them); resize the images")
 
 
 def _n_classes(path: Path, name: str, task: str, labels: dict[str, np.ndarray], source: str = "medmnist") -> int:
