@@ -509,7 +509,7 @@ def test_images_below_the_minimum_size_name_it_and_the_models_needs(tmp_path):
     np.savez(tmp_path / "tiny.npz", **_user_arrays(2, size=4))
     data = SimpleNamespace(path=str(tmp_path / "tiny.npz"), task="", name="mine", size=8)
     with pytest.raises(DataError, match=r"images are 4 px; the minimum is 8 px .*resnet18 needs 16 and densenet121 "
-                                        r"32 unless cnn.defaults.upsample_to"):
+                                        r"needs 32 unless cnn.defaults.upsample_to"):
         copy_user_file(data, tmp_path / "out.npz")
     assert not (tmp_path / "out.npz").exists()
 
