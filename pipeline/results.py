@@ -25,7 +25,7 @@ from pipeline.paths import METRICS, MODELS
 
 # What the report reads from each family's details file: one lacking a key is a missing result.
 DETAILS_KEYS = {
-    "backprop": ("test_accuracy", "majority_baseline", "gradcheck_max_rel_error", "fd_threshold",
+    "backprop": ("test_accuracy", "majority_baseline", "fd_threshold",
                  "autograd_threshold", "fd_max_rel_error", "autograd_max_rel_error", "epochs", "classes", "window",
                  "n_test"),
     "mlp": ("test_mse", "test_mae", "test_mse_std", "test_mae_std", "skill", "n_seeds", "window_norm",
@@ -128,7 +128,11 @@ def write_results(results: Results, details: dict, timing: dict, run_info: dict,
     unknown = sorted(set(data) - set(DATA_KEYS))
     if unknown:
         raise ValueError(f"data identity: unknown keys {unknown}; pipeline/results.py DATA_KEYS lists them")
-    headline = results.headline_of(details)
+    try:
+        headline = results.headline_of(details)
+    except KeyError as error:
+        raise ValueError(f"{results.headline}: the stage did not compute {error.args[0]}, which the headline "
+                         "holds") from None
     for key, value in headline.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"{results.headline}: {key} is {value!r}, not a number")
