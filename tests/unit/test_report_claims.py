@@ -113,6 +113,12 @@ def _write(path, data):
     Path(path).write_text(json.dumps(data))
 
 
+def _ran_on(params, data_source: str) -> None:
+    """Every CNN run's run.json names this data (as the stage records it)."""
+    for name in params.cnn_experiments():
+        _write(f"metrics/cnn/{name}.run.json", {"data_source": data_source})
+
+
 def _read(path):
     """A file's contents; for a run's headline path, the run's numbers (its details)."""
     out = _out(path)
@@ -351,8 +357,7 @@ def test_part_2_states_the_naive_baselines_and_each_rows_skill(workspace):
             assert row["skill"] == f"{_read(f'metrics/mlp/{name[4:]}.json')['skill']:.3f}"
 
 
-def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_run_link(workspace, monkeypatch):
-    monkeypatch.setenv("MLFLOW_UI_URL", "http://ui.example:5000/")
+def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_run_link(workspace):
     _write("metrics/mlp/h1024.run.json", {"data_source": "ETTh1 (real)", "run_id": "0123456789abcdef" * 2,
                                           "ui_path": "#/experiments/3/runs/0123456789abcdef0123456789abcdef",
                                           "tracking_uri": "sqlite:///mlflow.db"})
@@ -361,11 +366,11 @@ def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_r
     ref = REFS["mlp"]["hidden_size"]["h1024"]
     row = next(line for line in _lines_after(text, "### Table 2: hidden size on ETTh1") if line.startswith("| mlp@h1024"))
     assert row == ("| mlp@h1024 | " + f"{cfg.lr:g} / 1024 | hidden 1024 | 5 | revin | "
-                   f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f} | "
-                   f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | {values['skill']:.3f} | "
+                   f"{values['test_mse']:.4f} ± {values['test_mse_std']:.2g} | "
+                   f"{values['test_mae']:.4f} ± {values['test_mae_std']:.2g} | {values['skill']:.3f} | "
                    f"{ref['mse']:.4f} | {ref['mae']:.4f} | {values['test_mse'] - ref['mse']:+.4f} | "
                    f"{values['test_mae'] - ref['mae']:+.4f} | 2689 | "
-                   "[`01234567`](http://ui.example:5000/#/experiments/3/runs/0123456789abcdef0123456789abcdef) |")
+                   "[`01234567`](http://127.0.0.1:5000/#/experiments/3/runs/0123456789abcdef0123456789abcdef) |")
     assert "| mlp@h2048 |" in text and "no MLflow run" in text.split("| mlp@h2048 |")[1].split("\n")[0]
 
 
@@ -403,8 +408,8 @@ def test_the_other_variants_table_holds_only_the_variants_outside_tables_1_and_2
         "", "| variant | seeds | window_norm | MSE | MAE | skill | best epoch | seconds | MLflow run |",
         "|---" * 9 + "|",
         f"| mlp@assignment ⚠ synthetic | 5 | {values['window_norm']} | "
-        f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f} | "
-        f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | {values['skill']:.3f} | "
+        f"{values['test_mse']:.4f} ± {values['test_mse_std']:.2g} | "
+        f"{values['test_mae']:.4f} ± {values['test_mae_std']:.2g} | {values['skill']:.3f} | "
         f"{values['best_epoch']} | 12.5 | no MLflow run |", ""]
     params = _parse(lambda raw: raw["mlp"]["variants"].pop("assignment"))
     assert "Other variants" not in build.Report(params).build("abc1234")
@@ -457,6 +462,7 @@ def test_cnn_table_columns_come_in_this_order(workspace):
         assert after[:3] == ["", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     after = _lines_after(text, "### Table 4: from scratch vs fine-tuned on PathMNIST 64 px")
     assert [line.split(" | ")[0] for line in after[3:7]] == ["| resnet18", "| densenet121", "| finetune", ""]
+    _ran_on(workspace, "DermaMNIST 64px (medmnist)")   # the set's spelling: as its runs recorded it
     text = build.Report(_with(workspace, images={"name": "dermamnist"})).build("abc1234")
     after = _lines_after(text, "### Table 4: from scratch vs fine-tuned on DermaMNIST 64 px")
     cols = ["run", "experiment", "AUC", "ACC"] + CNN_TAIL
@@ -491,6 +497,9 @@ def test_part_3_note_names_the_set_its_task_and_the_references(workspace):
     assert _lines_after(text, "## Part 3: CNNs on PathMNIST (64 px)")[1] == (
         "Test AUC and ACC on PathMNIST at 64 px, as MedMNIST's evaluator scores a multi-class set. "
         f"References (pathmnist, 64 px): {refs['source']}; Δ = ours − reference.")
+    assert "## Part 3: CNNs on pneumoniamnist (28 px)" in \
+        build.Report(_with(workspace, images={"name": "pneumoniamnist", "size": 28})).build("abc1234")  # no run on it yet
+    _ran_on(workspace, "PneumoniaMNIST 28px (medmnist)")   # its spelling and task: as its runs recorded them
     text = build.Report(_with(workspace, images={"name": "pneumoniamnist", "size": 28})).build("abc1234")
     assert _lines_after(text, "## Part 3: CNNs on PneumoniaMNIST (28 px)")[1] == (
         "Test AUC and ACC on PneumoniaMNIST at 28 px, as MedMNIST's evaluator scores a binary-class set. "
