@@ -455,9 +455,7 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
                 row = {"step": step, "epoch": epoch, "train_loss": float(running) / running_n,
                        "val_auc": val["auc"], "val_acc": val["acc"]}
                 result.curve.append(row)
-                # the lr these steps trained with, at the step it applied to
-                record({"train_loss": row["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"],
-                        "lr": optimizer.param_groups[0]["lr"]}, step)
+                record({"train_loss": row["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"]}, step)
                 running, running_n = 0.0, 0
                 tick = time.perf_counter()
         if device.type == "cuda":
@@ -473,7 +471,8 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             if math.isnan(val[cfg.select_by]):
                 print(f"epoch {epoch}: validation {cfg.select_by} is NaN (a class missing from the validation "
                       "split?); counted as the worst score for choosing the best epoch")
-        record({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"]}, step)
+        # lr: the one this epoch's steps trained with (read before scheduler.step), at its last step
+        record({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"], "lr": lr}, step)
         if _better(val, result.best_val, cfg.select_by):
             result.best_val, result.best_epoch = val, epoch
             result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -481,8 +480,8 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             # checkpoint, so a run resumed from it writes the same full curve)
             result.curve.append({"step": step, "epoch": epoch, "train_loss": float(running) / running_n,
                                  "val_auc": val["auc"], "val_acc": val["acc"]})
-            record({"train_loss": result.curve[-1]["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"],
-                    "lr": lr}, step)   # MLflow's curve ends where the CSV's does
+            record({"train_loss": result.curve[-1]["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"]},
+                   step)   # MLflow's curve ends where the CSV's does
         if checkpoint is not None and world.is_main:
             _save_checkpoint(checkpoint, {
                 "fingerprint": key, "config": config, "epoch": epoch, "step": step, "model": model.state_dict(),
