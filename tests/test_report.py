@@ -65,7 +65,10 @@ def test_report_html_renders_in_a_real_browser(pipeline_repo):
     from playwright.sync_api import sync_playwright
 
     html = pipeline_repo / "reports/report.html"
-    assert not re.search(r'(src|href)="(https?:)?//', html.read_text())   # nothing loaded from the network
+    text = html.read_text()
+    # nothing loaded from the network (the MLflow run links are links, to the UI, not loads)
+    assert not re.search(r'src="(https?:)?//', text) and not re.search(r'<link[^>]+href="(https?:)?//', text)
+    assert not re.search(r'href="(https?:)?//(?!127\.0\.0\.1:5000/#/experiments/)', text)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = launch_chromium(p)
@@ -73,10 +76,17 @@ def test_report_html_renders_in_a_real_browser(pipeline_repo):
         page.goto(html.as_uri())
         page.wait_for_load_state("load")
         images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+        links = page.evaluate("Array.from(document.links).map(a => a.href).filter(h => h.includes('#/experiments/'))")
+        # opened as report.html?mlflow=<address>: every run link points there, decided in the browser
+        page.goto(html.as_uri() + "?mlflow=http://ui.example:8080/")
+        page.wait_for_load_state("load")
+        moved = page.evaluate("Array.from(document.links).map(a => a.href).filter(h => h.includes('#/experiments/'))")
         tables = page.evaluate("Array.from(document.querySelectorAll('table')).map(t => t.rows.length)")
         page.screenshot(path=str(ARTIFACTS / "report_first_screen.png"))
         browser.close()
     assert images and all(ok for _, ok in images), [alt for alt, ok in images if not ok]
+    assert links and all(h.startswith("http://127.0.0.1:5000/#/experiments/") for h in links), links
+    assert [h.replace("http://ui.example:8080/", "http://127.0.0.1:5000/") for h in moved] == links, moved
     assert len(tables) >= 5 and all(rows >= 2 for rows in tables), tables
 
 
