@@ -3,9 +3,11 @@ must hold, and the one `write_results()` every stage calls.
 
 Each run writes four JSON files beside each other:
 - `<run>.json`, the headline: git-tracked (`cache: false`), what `dvc exp show` compares. It holds
-  one or two numbers under keys that name the run (`backprop_acc`, `default`, `resnet18`), so no
-  two files share a key and DVC never prefixes a column with its file path: the whole headline of
-  all three parts fits the first 200 columns of `dvc exp show`.
+  one number under a key that names the run (`backprop`: test accuracy, `default`: test MSE,
+  `resnet18`: test AUC), so no two files share a key and DVC never prefixes a column with its file
+  path: the whole headline of all three parts fits the first 200 columns of `dvc exp show`. A
+  tiny number (the gradient check's 1e-09 error) stays in the details: `dvc metrics show` rounds
+  to 5 decimals and would print it as 0.0.
 - `<run>.details.json`: every number of the run (the headline's too, under its plain name: test_mse,
   test_auc, ...), what the report reads; `<run>.timing.json`: seconds and throughput (apart, so the
   results stay bit-identical between runs); `<run>.run.json`: the MLflow run and the data's identity.
@@ -16,7 +18,6 @@ that the two agree.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +33,10 @@ DETAILS_KEYS = {
             "n_test_windows"),
     "cnn": ("test_auc", "test_acc", "best_epoch"),
 }
+# The details key each family's headline holds, under the run's name.
+HEADLINE_OF = {"backprop": "test_accuracy", "mlp": "test_mse", "cnn": "test_auc"}
 # Keys of the data's identity in every run.json (`data`) and MLflow run (tags `data.<key>`).
 DATA_KEYS = ("name", "title", "source", "size", "task", "channels", "sha256")
-
-# The gradient check's error as agreeing digits: 1.1e-09 -> 8.9 (DVC rounds metrics to 5 decimals,
-# so the error itself would read 0.0 in `dvc metrics show`); 16 (float64) when the error is 0.
-MAX_DIGITS = 16.0
-
-
-def agreeing_digits(rel_error: float) -> float:
-    return round(min(MAX_DIGITS, -math.log10(rel_error)) if rel_error > 0 else MAX_DIGITS, 2)
-
 
 @dataclass(frozen=True)
 class Results:
@@ -96,14 +90,11 @@ class Results:
 
     def headline_of(self, details: dict) -> dict:
         """The headline, taken from the details (so the two never disagree)."""
-        if self.family == "backprop":
-            return {"backprop_acc": details["test_accuracy"],
-                    "grad_digits": agreeing_digits(details["gradcheck_max_rel_error"])}
-        return {self.run: details["test_mse" if self.family == "mlp" else "test_auc"]}
+        return {self.run: details[HEADLINE_OF[self.family]]}
 
     @property
     def headline_keys(self) -> tuple[str, ...]:
-        return ("backprop_acc", "grad_digits") if self.family == "backprop" else (self.run,)
+        return (self.run,)
 
 
 def backprop() -> Results:

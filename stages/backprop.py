@@ -97,8 +97,7 @@ def main(argv):
             "n_train": len(y_train), "n_test": len(y_test),
             "test_class_counts": {str(k): int(v) for k, v in enumerate(counts)},
         }
-        tracker.metrics({k: v for k, v in {**details, **out.headline_of(details), **timing}.items()
-                         if not isinstance(v, dict)})
+        tracker.metrics({k: v for k, v in {**details, **timing}.items() if not isinstance(v, dict)})
         write_csv(out.curves["train_loss"], loss_rows)
         write_csv(out.curves["val_accuracy"], val_rows)
         fig = figures.curves({"train loss": (np.array([r["step"] for r in loss_rows]),

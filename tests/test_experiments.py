@@ -2,6 +2,7 @@
 artifacts after DVC's temporary copies are gone, concurrent first writers leave one healthy store,
 and a store damaged by older versions is refused with the repair command."""
 
+import json
 import re
 import shutil
 import subprocess

@@ -99,12 +99,13 @@ def test_dvc_plots_show_draws_every_curve_family(pipeline_repo):
     assert set(expected) <= set(shown), sorted(set(expected) - set(shown))
     assert len(shown) == len(expected)          # each curve file drawn once
     # Each chart names its run; a curve file's series share one chart, every one with several points.
-    titles = {path: json.dumps(plot[0]["content"]["title"]) for path, plot in shown.items()}
+    titles = {path: plot[0]["content"]["title"] for path, plot in shown.items()}
+    titles = {path: t["text"] if isinstance(t, dict) else t for path, t in titles.items()}   # vega: str or {text}
     for variant in MLP_VARIANTS:
         assert f"mlp@{variant}:" in titles[f"metrics/mlp/curves/{variant}.csv"]
     for name in CNN_RUNS:
-        assert titles[f"metrics/cnn/curves/{name}.csv"].startswith(f'"{name}:')
-        assert titles[f"metrics/cnn/confusion/{name}.csv"].startswith(f'"{name}: test confusion')
+        assert titles[f"metrics/cnn/curves/{name}.csv"].startswith(f"{name}:")
+        assert titles[f"metrics/cnn/confusion/{name}.csv"].startswith(f"{name}: test confusion")
         values = shown[f"metrics/cnn/curves/{name}.csv"][0]["content"]["data"]["values"]
         assert len([v for v in values if v["train_loss"] != ""]) >= 4, values   # 6 steps: one point per step
         assert len([v for v in values if v["val_auc"] != ""]) >= 4, values

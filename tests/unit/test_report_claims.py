@@ -95,10 +95,7 @@ def _write(path, data):
         old = json.loads(out.details.read_text()) if out.details.exists() else {}
         details = {**{k: v for k, v in old.items() if not _headline_number(k)}, **data}
         Path(out.details).write_text(json.dumps(details))
-        metric = {"backprop": "test_accuracy", "mlp": "test_mse", "cnn": "test_auc"}[out.family]
-        data = {out.headline_keys[0]: details.get(metric)}
-        if out.family == "backprop" and isinstance(details.get("gradcheck_max_rel_error"), float):
-            data["grad_digits"] = R.agreeing_digits(details["gradcheck_max_rel_error"])
+        data = {out.run: details.get(R.HEADLINE_OF[out.family])}
     elif details_of is not None and details_of.details.exists():   # keeps the numbers written as the headline's
         old = json.loads(details_of.details.read_text())
         data = {**{k: v for k, v in old.items() if _headline_number(k)}, **data}

@@ -149,7 +149,7 @@ def test_part_1_without_its_numbers_says_missing_and_draws_no_table(workspace):
 def test_part_1_fails_on_an_accuracy_that_is_not_a_number(workspace, value):
     """A bool would print as 1.0000 and a string failed on an unrelated format error: both name the file now."""
     _write("metrics/backprop.json", {**_read("metrics/backprop.json"), "test_accuracy": value})
-    with pytest.raises(ValueError, match=f"metrics/backprop.json: backprop_acc is {value!r}, not a number"):
+    with pytest.raises(ValueError, match=f"metrics/backprop.json: backprop is {value!r}, not a number"):
         build.Report(workspace).build("abc1234")
 
 
