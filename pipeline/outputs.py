@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,9 +76,27 @@ def write_text(path: str | Path, text: str, mode: int | None = None) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+def copy_file(src: str | Path, path: str | Path) -> None:
+    """A copy of `src` (a figure the report shows), written like every other output."""
+    with atomic_path(path, suffix=Path(src).suffix or ".tmp") as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def write_npz(path: str | Path, **arrays) -> None:
+    """A numpy archive (np.savez insists on the .npz suffix, which the temporary name keeps)."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """An empty folder at `path` (a stage output rebuilt whole: nothing stale survives in it)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
 
 
 def write_json(path: str | Path, data: dict, mode: int | None = None) -> None:

@@ -2,19 +2,19 @@
 torch autograd), then train it with plain SGD on ETT direction labels and compare with the
 majority-class baseline."""
 
+import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
-from pipeline import figures, params as P
+from pipeline import figures, params as P, results as R
 from pipeline.data import ett
 from pipeline.gradcheck import check_backprop_net
 from pipeline.models import backprop_net as net
-from pipeline.paths import METRICS, ett_csv
+from pipeline.paths import ett_csv
 from pipeline.errors import StageError
 from pipeline.runtime import run_stage, seed_everything
-from pipeline.outputs import write_csv, write_json
+from pipeline.outputs import write_csv
 from pipeline.tracking import Tracker
 
 FD_THRESHOLD, AUTOGRAD_THRESHOLD = 1e-5, 1e-8
@@ -44,7 +44,9 @@ def main(argv):
                                     cfg.classes, cfg.stride if s == "train" else 1) for s in ("train", "val", "test")}
     n_features = data["train"][0].shape[2]
 
-    with Tracker("backprop", "backprop", data_source=f"{name} (real)") as tracker:
+    out = R.backprop()
+    identity = {"name": name, "title": name, "source": "real", "sha256": sha256}
+    with Tracker("backprop", "backprop", data_source=f"{name} (real)", extra_tags=R.data_tags(identity)) as tracker:
         tracker.params({"dataset": name, "target": target_name, "seed": params.base.seed, "data_pinned": pinned,
                         **asdict(cfg)})
         tracker.dataset(name, str(ett_csv(name).resolve()), sha256, {s: len(data[s][1]) for s in data})
@@ -74,19 +76,19 @@ def main(argv):
             val_rows.append({"epoch": epoch, "val_accuracy": accuracy(current, x_val, y_val)})
             tracker.metrics({"val_accuracy": val_rows[-1]["val_accuracy"]}, step=epoch)
 
+        started = time.perf_counter()
         net.sgd(model, x_train, np.eye(cfg.classes)[y_train], cfg.lr, cfg.batch_size, cfg.epochs, rng,
                 on_step, on_epoch)
         for row in loss_rows[:: max(1, len(loss_rows) // 1000)]:
             tracker.metrics({"train_loss": row["train_loss"]}, step=row["step"])
+        timing = {"train_seconds": round(time.perf_counter() - started, 2)}
         counts = np.bincount(y_test, minlength=cfg.classes)
-        # The headline (what `dvc exp show` opens on) and the details (the report and MLflow).
-        metrics = {
+        # Every number (the report and MLflow); the headline file takes its own from these.
+        details = {
             "test_accuracy": accuracy(model, x_test, y_test),
             # the best constant prediction on the test split itself (the strictest majority baseline)
             "majority_baseline": float(counts.max() / counts.sum()),
             "gradcheck_max_rel_error": max(errors["finite_differences"].values()),
-        }
-        details = {
             "fd_max_rel_error": errors["finite_differences"], "autograd_max_rel_error": errors["autograd"],
             "fd_threshold": FD_THRESHOLD, "autograd_threshold": AUTOGRAD_THRESHOLD,
             "val_accuracy": val_rows[-1]["val_accuracy"],
@@ -95,22 +97,19 @@ def main(argv):
             "n_train": len(y_train), "n_test": len(y_test),
             "test_class_counts": {str(k): int(v) for k, v in enumerate(counts)},
         }
-        tracker.metrics({k: v for k, v in {**metrics, **details}.items() if not isinstance(v, dict)})
-        curve_dir = METRICS / "backprop"
-        write_csv(curve_dir / "train_loss.csv", loss_rows)
-        write_csv(curve_dir / "val_accuracy.csv", val_rows)
+        tracker.metrics({k: v for k, v in {**details, **timing}.items() if not isinstance(v, dict)})
+        write_csv(out.curves["train_loss"], loss_rows)
+        write_csv(out.curves["val_accuracy"], val_rows)
         fig = figures.curves({"train loss": (np.array([r["step"] for r in loss_rows]),
                                              np.array([r["train_loss"] for r in loss_rows]))},
-                             "backprop: training loss", "step", "cross-entropy", Path("figures/backprop/loss.png"),
+                             "backprop: training loss", "step", "cross-entropy", out.figures / "loss.png",
                              smoothing=0.6)
         tracker.artifact(fig, "figures")
 
-    write_json(METRICS / "backprop.run.json", tracker.run_info())
-    write_json(METRICS / "backprop.details.json", details)
-    write_json(METRICS / "backprop.json", metrics)
-    print(f"backprop: gradients ok (max fd {max(errors['finite_differences'].values()):.1e}, autograd "
-          f"{max(errors['autograd'].values()):.1e}); test accuracy {metrics['test_accuracy']:.4f} vs majority "
-          f"{metrics['majority_baseline']:.4f}")
+    R.write_results(out, details, timing, tracker.run_info(), identity)
+    print(f"backprop: gradients ok (max fd {max(errors['finite_differences'].values()):.2g}, autograd "
+          f"{max(errors['autograd'].values()):.2g}); test accuracy {details['test_accuracy']:.4f} vs majority "
+          f"{details['majority_baseline']:.4f}")
 
 
 if __name__ == "__main__":

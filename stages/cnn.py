@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import devices, figures, params as P
-from pipeline.data import images
+from pipeline import devices, figures, params as P, results as R
+from pipeline.data import fetch, images
 from pipeline.errors import StageError
 from pipeline.models import cnn
-from pipeline.outputs import atomic_path, write_csv, write_json
-from pipeline.paths import METRICS, MODELS, images_npz, main_repo_root
+from pipeline.outputs import atomic_path, write_csv
+from pipeline.paths import images_npz, main_repo_root
 from pipeline.runtime import run_stage, seed_everything
 from pipeline.tracking import Tracker
 from pipeline.train import cnn_loop, distributed, tasks
@@ -76,11 +76,13 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
     size = cnn.check_image_size(cfg.model, data.size, cfg.upsample_to)
     model = cnn.build(cfg.model, data.n_classes, cfg.pretrained, cfg.weights_file, cfg.weights_sha256,
                       in_channels=data.channels)
-    source = f"{data.title} {data.size}px ({data.source})"
+    out = R.cnn(name)
+    identity = data_identity(data, images_npz(spec.name, spec.size)) if world.is_main else {}
+    source = f"{data.title} {data.size}px ({data.source})"   # for people: the MLflow UI, logs
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     tracker = Tracker("cnn", name, data_source=source,
                       extra_tags={"device": device_name, "dataset": data.title, "task": data.task,
-                                  "processes": str(world.size)}) if world.is_main else None
+                                  "processes": str(world.size), **R.data_tags(identity)}) if world.is_main else None
 
     with tracker or nullcontext():
         if tracker:
@@ -100,20 +102,20 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
         if result.resumed_from:
             tracker.tag("resumed_from", result.resumed_from)   # the history before it was re-logged by the loop
         test, scores = cnn_loop.evaluate(model, splits["test"], cfg.eval_batch_size)
-        metrics = {"test_auc": test["auc"], "test_acc": test["acc"]}   # the headline
+        metrics = {"test_auc": test["auc"], "test_acc": test["acc"]}   # the headline file takes the AUC
         details = {"best_val_auc": result.best_val["auc"], "best_val_acc": result.best_val["acc"],
                    "best_epoch": result.best_epoch}
         notes = nan_notes({**metrics, **details}, cfg.select_by)
-        metrics, details = finite(metrics), finite(details)
+        details = finite({**metrics, **details})
         if notes:
             details["notes"] = notes
             print("\n".join(notes))
         timing = {"train_seconds": round(result.train_seconds, 2),
                   "images_per_second": round(result.images_seen / max(result.train_seconds, 1e-9), 1)}
-        tracker.metrics({**metrics, **details, **timing})
+        tracker.metrics({**details, **timing})
 
         summary = tasks.prediction_summary(data.labels["test"], scores, data.task, data.n_classes)
-        confusion_png = f"figures/cnn/{name}/confusion.png"
+        confusion_png = out.figures / "confusion.png"
         if summary["kind"] == "confusion":
             pairs = summary["pairs"]
             fig_path = figures.confusion(summary["matrix"], f"{name}: {data.title} test confusion matrix", confusion_png)
@@ -122,7 +124,7 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
             details["per_label"] = summary["rows"]
             fig_path = figures.per_label(summary["rows"], f"{name}: {data.title} per-label test outcomes", confusion_png)
         tracker.artifact(fig_path, "figures")
-        model_path = MODELS / "cnn" / f"{name}.pt"
+        model_path = out.model
         if world.size > 1:   # the plain torchvision model, without DDP's synchronised BatchNorm
             plain = cnn.build(cfg.model, data.n_classes, in_channels=data.channels)
             plain.load_state_dict(model.state_dict())
@@ -135,16 +137,19 @@ def run(name: str, params: P.Params, cfg: P.Cnn, world: distributed.World, devic
             example = cnn.resize_batch(torch.from_numpy(example), size).numpy()
         tracker.torch_model(model, example)
 
-    write_csv(METRICS / "cnn" / "curves" / f"{name}.csv", result.curve)
-    write_csv(METRICS / "cnn" / "confusion" / f"{name}.csv", pairs)
-    write_json(METRICS / "cnn" / f"{name}.run.json", {**tracker.run_info(), "device": device_name})
-    write_json(METRICS / "cnn" / f"{name}.timing.json", timing)   # apart: the results stay bit-identical
-    write_json(METRICS / "cnn" / f"{name}.details.json", details)
-    write_json(METRICS / "cnn" / f"{name}.json", metrics)
+    write_csv(out.curves["curves"], result.curve)
+    write_csv(out.curves["confusion"], pairs)
+    R.write_results(out, details, timing, {**tracker.run_info(), "device": device_name}, identity)
     if result.checkpoint is not None:   # finished: nothing to resume, and no stale state for later code
         result.checkpoint.unlink(missing_ok=True)
     print(f"{name}: test AUC {test['auc']:.4f} ACC {test['acc']:.4f} (best epoch {result.best_epoch}, "
           f"{timing['images_per_second']:.0f} images/s on {device_name}, data {source})")
+
+
+def data_identity(data: images.ImageSet, path: Path) -> dict:
+    """The data as fields (the report reads them as data, never parses a display string)."""
+    return {"name": data.name, "title": data.title, "source": data.source, "size": data.size, "task": data.task,
+            "channels": data.channels, "sha256": fetch.file_digest(path)}
 
 
 def finite(values: dict) -> dict:

@@ -10,15 +10,14 @@ the selected model only, and choose nothing.
 """
 
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 
-from pipeline import figures, params as P
+from pipeline import figures, params as P, results as R
 from pipeline.data import ett
 from pipeline.models.mlp_forecaster import predict
-from pipeline.outputs import write_csv, write_json
-from pipeline.paths import METRICS, MODELS, ett_csv
+from pipeline.outputs import write_csv, write_npz
+from pipeline.paths import ett_csv
 from pipeline.runtime import run_stage, seed_everything
 from pipeline.tracking import Tracker
 from pipeline.train.forecaster import ForecastData, baselines, fit, fit_auto, scores
@@ -42,9 +41,11 @@ def main(argv):
     seeds = [params.base.seed + i for i in range(cfg.seeds)]
     seed_everything(seeds[0])
 
-    metrics_path, curve_path = METRICS / "mlp" / f"{variant}.json", METRICS / "mlp" / "curves" / f"{variant}.csv"
-    figure_dir = Path("figures/mlp") / variant
-    with Tracker("mlp", f"mlp@{variant}", data_source=f"{name} (real)", extra_tags={"data_sha256": sha256}) as tracker:
+    out = R.mlp(variant)
+    figure_dir = out.figures
+    identity = {"name": name, "title": name, "source": "real", "sha256": sha256}
+    with Tracker("mlp", f"mlp@{variant}", data_source=f"{name} (real)",
+                 extra_tags={"data_sha256": sha256, **R.data_tags(identity)}) as tracker:
         tracker.params({"variant": variant, "dataset": name, "target": target, "seed": seeds[0],
                         "seed_list": seeds, "data_sha256": sha256, "data_pinned": bool(pin), **asdict(cfg)})
         tracker.dataset(name, str(csv.resolve()), sha256, {s: len(windows[s][0]) for s in windows})
@@ -70,7 +71,7 @@ def main(argv):
         mse = np.array([s["test_mse"] for s in per_seed.values()])
         mae = np.array([s["test_mae"] for s in per_seed.values()])
         ddof = 1 if len(seeds) > 1 else 0   # sample std over seeds
-        # The headline (git-tracked, in `dvc exp show`): the seed means and spreads; the rest apart.
+        # The seed means and spreads (the headline file takes the mean MSE), then the rest.
         metrics = {"test_mse": float(mse.mean()), "test_mae": float(mae.mean()),
                    "test_mse_std": float(mse.std(ddof=ddof)), "test_mae_std": float(mae.std(ddof=ddof))}
         # The naive forecasts of the same test windows: skill = MSE / the best naive MSE (< 1: better).
@@ -78,7 +79,7 @@ def main(argv):
         naive = naive_splits["test"]
         metrics.update({f"{name}_{k}": v[k] for name, v in naive.items() for k in ("mse", "mae")})
         metrics["skill"] = metrics["test_mse"] / min(naive["repeat_last"]["mse"], naive["window_mean"]["mse"])
-        details = {"best_val_loss": float(np.mean([r.best_val_loss for r in results.values()])),
+        details = {**metrics, "best_val_loss": float(np.mean([r.best_val_loss for r in results.values()])),
                    "best_epoch": first.best_epoch, "epochs_run": len(first.history),
                    "n_test_windows": n_test_windows, "n_seeds": len(seeds),
                    "window_norm": chosen,
@@ -88,13 +89,12 @@ def main(argv):
                    "dataset": name, "data_sha256": sha256, "data_pinned": bool(pin)}
         trained = [*candidates.values(), *(results[s] for s in seeds[1:])]   # every fit, once
         timing = {"train_seconds": round(sum(r.seconds for r in trained), 2)}
-        tracker.metrics({**metrics, **{k: v for k, v in details.items() if not isinstance(v, (dict, bool, str))},
+        tracker.metrics({**{k: v for k, v in details.items() if not isinstance(v, (dict, bool, str))},
                          **timing, **{f"val_loss_{norm}": v for norm, v in details["window_norm_val_loss"].items()},
                          **{f"test_mse_seed{s}": v["test_mse"] for s, v in per_seed.items()}})
 
-        model_path = MODELS / "mlp" / f"{variant}.npz"   # the first seed's model
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(model_path, **first.params, window_norm=np.array(chosen))
+        model_path = out.model   # the first seed's model
+        write_npz(model_path, **first.params, window_norm=np.array(chosen))
         tracker.artifact(model_path, "model")
 
         # Good / median / bad test windows (first seed) by the target channel's MSE.
@@ -115,15 +115,12 @@ def main(argv):
                                   "epoch", "MSE (standardised)", figure_dir / "loss.png")
         tracker.artifact(loss_fig, "figures")
 
-    write_csv(curve_path, first.history)
-    write_json(METRICS / "mlp" / f"{variant}.run.json", tracker.run_info())
-    write_json(METRICS / "mlp" / f"{variant}.timing.json", timing)   # apart: the results stay bit-identical
-    write_json(METRICS / "mlp" / f"{variant}.details.json", details)
-    write_json(metrics_path, metrics)
-    choice = ", ".join(f"{n} {v:.4f}" for n, v in details["window_norm_val_loss"].items())
+    write_csv(out.curves["curves"], first.history)
+    R.write_results(out, details, timing, tracker.run_info(), identity)
+    choice = ", ".join(f"{n} {v:.4g}" for n, v in details["window_norm_val_loss"].items())
     print(f"mlp@{variant}: window_norm {chosen} (validation loss: {choice})")
-    print(f"mlp@{variant}: test MSE {metrics['test_mse']:.4f} ± {metrics['test_mse_std']:.4f} "
-          f"MAE {metrics['test_mae']:.4f} ± {metrics['test_mae_std']:.4f} over seeds {seeds} "
+    print(f"mlp@{variant}: test MSE {metrics['test_mse']:.4f} ± {metrics['test_mse_std']:.2g} "
+          f"MAE {metrics['test_mae']:.4f} ± {metrics['test_mae_std']:.2g} over seeds {seeds} "
           f"({n_test_windows} windows, {timing['train_seconds']:.1f}s)")
 
 

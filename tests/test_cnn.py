@@ -327,7 +327,7 @@ def test_a_split_missing_a_class_keeps_a_model_and_writes_null_not_nan(tmp_path)
     assert "no epoch had a finite validation auc" in result.stdout and "Traceback" not in result.stderr
     headline = _strict_json(repo / "metrics/cnn/resnet18.json")
     details = _strict_json(repo / "metrics/cnn/resnet18.details.json")
-    assert headline["test_auc"] is None and 0 <= headline["test_acc"] <= 1
+    assert headline == {"resnet18": None} and details["test_auc"] is None and 0 <= details["test_acc"] <= 1
     assert details["best_val_auc"] is None and details["best_epoch"] == 2
     assert any("test_auc is null" in note for note in details["notes"])
     assert (repo / "models/cnn/resnet18.pt").exists()

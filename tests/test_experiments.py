@@ -2,6 +2,7 @@
 artifacts after DVC's temporary copies are gone, concurrent first writers leave one healthy store,
 and a store damaged by older versions is refused with the repair command."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -102,3 +103,24 @@ def test_an_experiment_with_artifacts_in_a_dvc_temp_folder_is_refused_with_the_r
     assert experiment.artifact_location == (repo / "mlartifacts/part1-backprop").as_uri()
     (run_,) = client.search_runs([experiment.experiment_id])
     assert [a.path for a in client.list_artifacts(run_.info.run_id, "figures")] == ["figures/loss.png"]
+
+
+def test_dvc_exp_show_in_200_columns_shows_every_runs_headline(pipeline_repo):
+    """What a user sees in a 200-column terminal (DVC pipes the table through `less -S`, which cuts
+    each line there): part 1, every MLP variant's test MSE and every CNN's test AUC, each under its
+    own column and with the value its headline file holds. Read from the text table itself."""
+    from pipeline import params as P, results as R
+
+    params = P.load(pipeline_repo / "params.yaml")
+    outs = [R.backprop(), *map(R.mlp, params.mlp_variants()), *map(R.cnn, params.cnn_experiments())]
+    assert len(outs) == 14
+    table = dvc(pipeline_repo, "exp", "show", COLUMNS=200).stdout.split("\n")
+    header = next(line for line in table if line.lstrip().startswith("Experiment"))
+    row = next(line for line in table if "[e2e]" in line)
+    for out in outs:
+        for key, value in json.loads((pipeline_repo / out.headline).read_text()).items():
+            match = re.search(rf"(?<=\s){re.escape(key)}(?=\s)", header)
+            assert match, f"no column {key!r} in dvc exp show:\n{header}"
+            assert match.end() <= 200, f"{key!r} ends at column {match.end()}, past a 200-column terminal:\n{header}"
+            # metric columns are right-aligned: the value ends where its header does
+            assert row[:match.end()].split()[-1] == f"{value:.5g}", (key, row[:match.end() + 5])

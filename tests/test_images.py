@@ -276,8 +276,10 @@ def test_cnn_stage_on_a_multilabel_grayscale_set_names_it_and_summarises_per_lab
     run(["python", "-m", "stages.download_images"], repo)
     out = run(["python", "-m", "stages.cnn", "resnet18"], repo, timeout=600).stdout
     assert "data ChestMNIST 32px (synthetic)" in out
-    metrics = json.loads((repo / "metrics/cnn/resnet18.json").read_text())
+    metrics = json.loads((repo / "metrics/cnn/resnet18.details.json").read_text())
     assert 0 <= metrics["test_auc"] <= 1 and 0 <= metrics["test_acc"] <= 1
+    data = json.loads((repo / "metrics/cnn/resnet18.run.json").read_text())["data"]
+    assert (data["title"], data["task"], data["size"]) == ("ChestMNIST", "multi-label, binary-class", 32)
     rows = json.loads((repo / "metrics/cnn/resnet18.details.json").read_text())["per_label"]
     assert [r["label"] for r in rows] == list(range(14)) and all(r["positives_of"] == 32 for r in rows)
     pairs = (repo / "metrics/cnn/confusion/resnet18.csv").read_text().splitlines()

@@ -240,7 +240,7 @@ def test_the_cosine_schedule_anneals_from_lr_towards_zero():
 
 
 def test_the_stage_headline_holds_the_naive_baselines_of_its_test_windows(tmp_path):
-    """metrics/mlp/<variant>.json (what `dvc exp show` lists) and MLflow hold the baselines."""
+    """metrics/mlp/<variant>.details.json and MLflow hold the baselines (the headline: the test MSE alone)."""
     params = small_params()
     params["mlp"]["defaults"].update(input_len=24, pred_len=24, kernel=5, hidden=8, epochs=1, seeds=1,
                                      window_norm="none")   # the default residual: a ridge base, then the MLPs
@@ -248,7 +248,8 @@ def test_the_stage_headline_holds_the_naive_baselines_of_its_test_windows(tmp_pa
     (repo / "data" / "raw").mkdir(parents=True)
     shutil.copy(SHARED_DATA / "ETTh1.csv", repo / "data" / "raw" / "ETTh1.csv")
     run([sys.executable, "-m", "stages.mlp", "default"], repo, timeout=900)
-    headline = json.loads((repo / "metrics" / "mlp" / "default.json").read_text())
+    headline = json.loads((repo / "metrics" / "mlp" / "default.details.json").read_text())
+    assert json.loads((repo / "metrics" / "mlp" / "default.json").read_text()) == {"default": headline["test_mse"]}
     splits = ett.standardised_splits(ett.load_csv(SHARED_DATA / "ETTh1.csv"), "ETTh1", 24, pred_len=24)
     x, y = (a.reshape(-1, 24) for a in ett.windows(splits.test, 24, 24))
     last = np.mean((x[:, -1:] - y) ** 2)

@@ -73,7 +73,7 @@ PARAM_USERS = [
     ("backprop.lr", 0.2, {"backprop"}),
     ("mlp.defaults.hidden", 40, {"mlp", "report"}),   # the report reads the variants' merged configs
     ("mlp.variants.h1024.hidden", 50, {"mlp", "report"}),
-    ("cnn.defaults.lr", 0.002, {"cnn", "ablation"}),
+    ("cnn.defaults.lr", 0.002, {"cnn", "ablation", "report"}),   # the report reads the merged configs (pretrained)
     ("cnn.ablations.hflip.lr", 0.002, {"ablation", "report"}),
     ("features.channel", 1, {"features"}),
     ("report.allow_missing", True, {"report"}),

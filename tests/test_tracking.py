@@ -147,7 +147,7 @@ def test_server_down_stage_still_finishes_and_says_so(backprop_repo):
     result = run([sys.executable, "-m", "stages.backprop"], backprop_repo, timeout=300, MLFLOW_TRACKING_URI=dead)
     assert "MLflow TRACKING FAILED" in result.stderr and dead in result.stderr
     metrics = json.loads((backprop_repo / "metrics/backprop.json").read_text())
-    assert metrics["test_accuracy"] > 0
+    assert metrics["backprop"] > 0
     info = json.loads((backprop_repo / "metrics/backprop.run.json").read_text())
     assert info["run_id"] == "" and info["tracking_failed"]
     print(f"stage with a dead tracking server took {time.time() - started:.1f}s")

@@ -1,7 +1,12 @@
 """The write-up, rebuilt from the pipeline's own files: metrics/*.json, plot CSVs, figures/.
 
 Every number comes from a file; the only typed-in numbers are the references in
-references.yaml. Output: reports/report.md and a self-contained reports/report.html.
+references.yaml. Output: reports/report.md and a self-contained reports/report.html. The files and
+keys each stage writes are pipeline/results.py's; the data a run used is read from its run.json
+(`data`: name, source, size, task, ...), never parsed from a display string.
+
+Nothing here reads the environment: the stage may be restored from DVC's run-cache, so anything
+that depends on where the report is viewed (the MLflow UI's address) is settled in the browser.
 """
 
 from __future__ import annotations
@@ -10,39 +15,28 @@ import base64
 import csv
 import datetime
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from pipeline import figures
-from pipeline.data import images
+from pipeline import figures, results as R
+from pipeline.outputs import copy_file, fresh_dir
 from pipeline.params import Params
+from pipeline.paths import REPORTS
 
 REFERENCES = Path(__file__).with_name("references.yaml")
-OUT = Path("reports")
+OUT = REPORTS
 IMG = OUT / "img"
-
-# What the tables read from each stage's files: a file lacking one of these is a missing result.
-BACKPROP_HEADLINE = ("test_accuracy", "majority_baseline")
-BACKPROP_DETAILS = ("fd_threshold", "autograd_threshold", "fd_max_rel_error", "autograd_max_rel_error", "epochs",
-                    "classes", "window", "n_test")
-MLP_HEADLINE = ("test_mse", "test_mae", "test_mse_std", "test_mae_std")   # seed means and spreads
-MLP_DETAILS = ("n_seeds", "window_norm", "n_test_windows")
-CNN_HEADLINE = ("test_auc", "test_acc")
-CNN_DETAILS = ("best_epoch",)
+# Where run links point unless the page is opened as report.html?mlflow=<the UI's address> (or the
+# run was logged to an http tracking server): `mlflow ui`'s default address.
+DEFAULT_UI = "http://127.0.0.1:5000"
 
 
 def _skill(values: dict) -> str:
     """The MSE relative to the best naive forecast, as the MLP stage writes it."""
     return f"{values['skill']:.3f}" if isinstance(values.get("skill"), (int, float)) else "n/a"
-
-
-class MissingResults(RuntimeError):
-    """Some experiments have no metrics file (partial `dvc repro`)."""
 
 
 def _read_json(path: Path) -> dict | None:
@@ -57,13 +51,17 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
 
 def _img(src: Path, name: str) -> str:
     """Copy a figure next to the report and return its relative link."""
-    IMG.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, IMG / name)
+    copy_file(src, IMG / name)
     return f"img/{name}"
 
 
 def _fmt(value, digits=4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    """Fixed decimals, but significant digits for a small number (0.00032, not 0.0003 or 0.0000)."""
+    if value is None:
+        return "n/a"
+    if value and abs(value) < 10 ** -(digits - 2):
+        return f"{value:.{max(digits - 2, 2)}g}"
+    return f"{value:.{digits}f}"
 
 
 def _diff(ours, ref, digits=4) -> str:
@@ -71,23 +69,24 @@ def _diff(ours, ref, digits=4) -> str:
 
 
 def _spread(mean, std, digits=4) -> str:
-    """A seed mean with its spread: "0.4485 ± 0.0086" (the mean alone when the spread is unknown)."""
-    return _fmt(mean, digits) + ("" if mean is None or std is None else f" ± {std:.{digits}f}")
-
-
-def image_title(spec) -> str:
-    """The image set's name as headings and tags spell it (ChestMNIST), as the CNN stage names it."""
-    return images.ImageSet({}, {}, 0, spec.size, spec.source, spec.name).title
-
-
-def image_task(spec) -> str:
-    return spec.task or images.default_task(spec.name)
+    """A seed mean with its spread in two significant digits: "0.4485 ± 0.0086", "0.4485 ± 0.00032"
+    (the mean alone when the spread is unknown)."""
+    return _fmt(mean, digits) + ("" if mean is None or std is None else f" ± {std:.2g}")
 
 
 def ui_address(tracking_uri: str) -> str:
-    """The MLflow UI's address: $MLFLOW_UI_URL, else the tracking server itself when it is one."""
-    ui = os.environ.get("MLFLOW_UI_URL") or (tracking_uri if re.match(r"https?://", tracking_uri) else "")
+    """The MLflow UI's address: the tracking server itself when it is one, else `mlflow ui`'s default
+    (the page rewrites it when opened as report.html?mlflow=<address>)."""
+    ui = tracking_uri if re.match(r"https?://", tracking_uri) else DEFAULT_UI
     return re.sub(r"//[^/@]*@", "//", ui).rstrip("/")      # never a (redacted) login in a link
+
+
+def data_label(data: dict) -> str:
+    """A run's data for people: "ETTh1 (real)", "PathMNIST 64px (synthetic)"."""
+    if not data:
+        return ""
+    size = f" {data['size']}px" if data.get("size") else ""
+    return f"{data.get('title') or data.get('name', '?')}{size} ({data.get('source', '?')})"
 
 
 class Report:
@@ -100,26 +99,27 @@ class Report:
         self.devices: set[str] = set()
         self.synthetic: set[str] = set()
 
-    def load(self, metrics: Path, part: str, headline=(), details=(), numbers=True) -> tuple[dict | None, dict]:
-        """A stage's metrics (headline, details and timing merged) and run info. A missing file, or
-        one lacking a key the tables read (`headline` in the file itself, `details` in it or its
-        .details.json), goes into `missing`; a headline value that is not a number is an error
-        (`numbers`: the headline holds only numbers)."""
-        values = _read_json(metrics)
-        run = _read_json(metrics.with_suffix(".run.json")) or {}
-        if values is None:
-            self.missing.append(str(metrics))
+    def load(self, out: R.Results, part: str) -> tuple[dict | None, dict]:
+        """A run's numbers (details and timing) and run info. A missing headline file, or details
+        lacking a key the tables read (pipeline/results.py), goes into `missing`; a headline or
+        details value the tables read that is not a number is an error."""
+        headline = _read_json(out.headline)
+        run = _read_json(out.run_info) or {}
+        values = None
+        if headline is None:
+            self.missing.append(str(out.headline))
         else:
-            self._require(metrics, values, headline, numbers)
-            for extra in (".details.json", ".timing.json"):   # the stage's non-headline numbers
-                values.update(_read_json(metrics.with_suffix(extra)) or {})
-            self._require(metrics.with_suffix(".details.json"), values, details)
+            self._require(out.headline, headline, out.headline_keys, numbers=True)
+            values = {**(_read_json(out.details) or {}), **(_read_json(out.timing) or {})}
+            self._require(out.details, values, out.details_keys,
+                          numbers=[k for k in out.details_keys if k.startswith("test_")])
         if run.get("device"):
             self.devices.add(run["device"])
-        if run.get("data_source"):
-            self.sources.setdefault(part, set()).add(run["data_source"])
-            if "synthetic" in run["data_source"]:
-                self.synthetic.add(run["data_source"])
+        data = run.get("data") or {}
+        if data:
+            self.sources.setdefault(part, set()).add(data_label(data))
+            if data.get("source") == "synthetic":
+                self.synthetic.add(data_label(data))
         return values, run
 
     def _require(self, path: Path, values: dict, keys, numbers=False) -> None:
@@ -127,26 +127,25 @@ class Report:
             value = values.get(key)
             if value is None:
                 self.missing.append(f"{path} (no {key})")
-            elif numbers and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            elif (numbers is True or key in (numbers or ())) and \
+                    (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{path}: {key} is {value!r}, not a number; rerun the stage that writes it")
 
     @staticmethod
     def run_link(run: dict) -> str:
-        """A link to the run in the MLflow UI when its address is known, else the run id and UI path."""
+        """A link to the run in the MLflow UI (see DEFAULT_UI; report.html?mlflow=<address> repoints it)."""
         if not run.get("run_id"):
             return "no MLflow run" + (f" ({run['tracking_failed']})" if run.get("tracking_failed") else "")
-        ui = ui_address(run.get("tracking_uri", ""))
-        if ui:
-            return f"[`{run['run_id'][:8]}`]({ui}/{run['ui_path']})"
-        return f"`{run['run_id'][:8]}` (`{run['ui_path']}`)"
+        return f"[`{run['run_id'][:8]}`]({ui_address(run.get('tracking_uri', ''))}/{run['ui_path']})"
 
     @staticmethod
-    def mark(run: dict, dataset: str = "") -> str:
-        """⚠ on a row whose run used synthetic data, or another data set than params name (stale files)."""
-        source = run.get("data_source", "")
-        if source and dataset and not source.startswith(dataset):
-            return f" ⚠ ran on {source}"
-        return " ⚠ synthetic" if "synthetic" in source else ""
+    def mark(run: dict, expected: dict | None = None) -> str:
+        """⚠ on a row whose run used synthetic data, or another data set than params name (stale
+        files): `expected` holds the identity fields params fix (name, size)."""
+        data = run.get("data") or {}
+        if data and any(data.get(k) != v for k, v in (expected or {}).items()):
+            return f" ⚠ ran on {data_label(data)}"
+        return " ⚠ synthetic" if data.get("source") == "synthetic" else ""
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
@@ -154,8 +153,9 @@ class Report:
     # -- part 1 --------------------------------------------------------------------------------
     def part1(self) -> None:
         self.add("## Part 1: backpropagation, made executable", "")
-        values, run = self.load(Path("metrics/backprop.json"), "part 1", BACKPROP_HEADLINE, BACKPROP_DETAILS)
-        if values is None or any(values.get(k) is None for k in (*BACKPROP_HEADLINE, *BACKPROP_DETAILS)):
+        out = R.backprop()
+        values, run = self.load(out, "part 1")
+        if values is None or any(values.get(k) is None for k in out.details_keys):
             self.add("*Missing: `metrics/backprop.json` or some of its numbers (stage `backprop`).*", "")
             return
         self.add("Largest relative error of the hand-written gradients, per parameter "
@@ -169,7 +169,7 @@ class Report:
                  f"majority-class baseline {values['majority_baseline']:.4f} "
                  f"(margin {values['test_accuracy'] - values['majority_baseline']:+.4f}; "
                  f"{values['n_test']} test windows). MLflow run: {self.run_link(run)}.", "")
-        loss_csv = Path("metrics/backprop/train_loss.csv")
+        loss_csv = out.curves["train_loss"]
         if loss_csv.exists():
             data = _read_csv(loss_csv)
             path = figures.curves({"train loss": (data["step"], data["train_loss"])}, "Part 1: training loss",
@@ -183,7 +183,7 @@ class Report:
         has_refs = ett.name == refs["dataset"]   # the reference numbers are ETTh1's
         self.add(f"## Part 2: MLP forecaster on {ett.name} (numpy, hand-written backprop)", "")
         variants = self.params.mlp_variants()
-        results = {v: self.load(Path(f"metrics/mlp/{v}.json"), "part 2", MLP_HEADLINE, MLP_DETAILS) for v in variants}
+        results = {v: self.load(R.mlp(v), "part 2") for v in variants}
         self.add(f"Test MSE and MAE on {ett.name} (target {ett.target}, standardised): the mean ± sample std over "
                  "`seeds` training seeds; `window_norm` is the per-window normalisation chosen on validation. "
                  + (f"References ({refs['dataset']}): {refs['source']}; Δ = our mean − reference." if has_refs else
@@ -192,7 +192,7 @@ class Report:
         self.add("skill = the model's test MSE / the best naive forecast's (repeat-last or window mean) on the "
                  "same windows: below 1 the model beats both."
                  + (" Baselines on the test windows (MSE / MAE): " + "; ".join(
-                     f"{label} {naive[f'{key}_mse']:.4f} / {naive[f'{key}_mae']:.4f}"
+                     f"{label} {_fmt(naive[f'{key}_mse'])} / {_fmt(naive[f'{key}_mae'])}"
                      for key, label in (("repeat_last", "repeat-last"), ("window_mean", "window mean"),
                                         ("linear", "least-squares linear")) if f"{key}_mse" in naive) + "."
                     if naive else ""), "")
@@ -207,7 +207,7 @@ class Report:
                     continue
                 values, run = results[variant]
                 cfg, v = self.params.mlp_variant(variant), values or {}
-                cells = [f"mlp@{variant}{self.mark(run, ett.name + ' ')}", f"{cfg.lr:g} / {cfg.hidden}", ref["label"],
+                cells = [f"mlp@{variant}{self.mark(run, {'name': ett.name})}", f"{cfg.lr:g} / {cfg.hidden}", ref["label"],
                          str(v.get("n_seeds", "n/a")), str(v.get("window_norm", "n/a")),
                          _spread(v.get("test_mse"), v.get("test_mse_std")),
                          _spread(v.get("test_mae"), v.get("test_mae_std")), _skill(v)]
@@ -224,7 +224,7 @@ class Report:
             for variant in others:
                 values, run = results[variant]
                 v = values or {}
-                self.add(f"| mlp@{variant}{self.mark(run, ett.name + ' ')} | {v.get('n_seeds', 'n/a')} | {v.get('window_norm', 'n/a')} | "
+                self.add(f"| mlp@{variant}{self.mark(run, {'name': ett.name})} | {v.get('n_seeds', 'n/a')} | {v.get('window_norm', 'n/a')} | "
                          f"{_spread(v.get('test_mse'), v.get('test_mse_std'))} | "
                          f"{_spread(v.get('test_mae'), v.get('test_mae_std'))} | {_skill(v)} | "
                          f"{v.get('best_epoch', 'n/a')} | "
@@ -238,7 +238,7 @@ class Report:
                 if loss:
                     chosen = (results[variant][0] or {}).get("window_norm", "n/a")
                     self.add(f"- mlp@{variant}: **{chosen}** ("
-                             + ", ".join(f"{norm} {value:.4f}" for norm, value in loss.items()) + ")")
+                             + ", ".join(f"{norm} {_fmt(value)}" for norm, value in loss.items()) + ")")
             self.add("")
         if has_refs:
             pub = refs["published"]
@@ -246,7 +246,7 @@ class Report:
                      + "; ".join(f"{r['model']} {r['mse']:.3f} / {r['mae']:.3f}" for r in pub["rows"]) + ".", "")
         self.add("### Loss curves", "", "Raw (faint) and smoothed with factor 0.6 (solid).", "")
         for variant in variants:
-            curve = Path(f"metrics/mlp/curves/{variant}.csv")
+            curve = R.mlp(variant).curves["curves"]
             if not curve.exists():
                 continue
             data = _read_csv(curve)
@@ -256,7 +256,7 @@ class Report:
             self.add(f"![mlp@{variant} loss]({path.relative_to(OUT)})")
         self.add("", f"### Test predictions ({ett.name}, {ett.target} channel, default variant)", "")
         for label in ("good", "median", "bad"):
-            src = Path(f"figures/mlp/default/prediction_{label}.png")
+            src = R.mlp("default").figures / f"prediction_{label}.png"
             if src.exists():
                 self.add(f"![{label} prediction]({_img(src, f'mlp_default_{label}.png')})")
             else:
@@ -267,15 +267,20 @@ class Report:
     def part3(self) -> None:
         refs = self.refs["cnn"]
         spec = self.params.data.images
-        title, size = image_title(spec), spec.size
+        size = spec.size
         has_refs = spec.name == refs["dataset"]   # the reference numbers are PathMNIST's
-        self.add(f"## Part 3: CNNs on {title} ({size} px)", "")
         names = self.params.cnn_experiments()
-        results = {n: self.load(Path(f"metrics/cnn/{n}.json"), "part 3", CNN_HEADLINE, CNN_DETAILS) for n in names}
-        multi_label = image_task(spec) == images.MULTI_LABEL or \
+        results = {n: self.load(R.cnn(n), "part 3") for n in names}
+        # The set's spelling (ChestMNIST) and task, as the runs on the data params name recorded them.
+        ran = [run["data"] for _, run in results.values()
+               if (run.get("data") or {}).get("name") == spec.name and run["data"].get("size") == size]
+        title = next((d["title"] for d in ran if d.get("title")), spec.name)
+        task = spec.task or next((d["task"] for d in ran if d.get("task")), "")
+        self.add(f"## Part 3: CNNs on {title} ({size} px)", "")
+        multi_label = task.startswith("multi-label") or \
             any("per_label" in (values or {}) for values, _ in results.values())
         note = f"Test AUC and ACC on {title} at {size} px, as MedMNIST's evaluator scores a " \
-               f"{'multi-label' if multi_label else image_task(spec)} set. "
+               f"{'multi-label' if multi_label else task or 'classification'} set. "
         if has_refs:
             note += f"References ({refs['dataset']}, {refs['size']} px): {refs['source']}; Δ = ours − reference."
             if size != refs["size"]:
@@ -290,7 +295,8 @@ class Report:
             label = ref["label"]
             if "ImageNet" in label and not self.params.cnn_experiment(name).pretrained:   # e.g. offline
                 label += " ⚠ trained from scratch here (pretrained: false)"
-            cells = [f"{name}{self.mark(run, f'{title} {size}px ')}", label, _fmt(v.get("test_auc"), 3), _fmt(v.get("test_acc"), 3)]
+            cells = [f"{name}{self.mark(run, {'name': spec.name, 'size': size})}", label, _fmt(v.get("test_auc"), 3),
+                     _fmt(v.get("test_acc"), 3)]
             if has_refs:
                 cells += [f"{ref['auc']:.3f}", f"{ref['acc']:.3f}", _diff(v.get("test_auc"), ref["auc"], 3),
                           _diff(v.get("test_acc"), ref["acc"], 3)]
@@ -319,8 +325,7 @@ class Report:
         groups = {"Model A vs model B": ["resnet18", base]}
         groups.update({f"{name} vs B": [base, name] for name in names if name not in ("resnet18", base)})
         for group, members in groups.items():
-            curves = {m: _read_csv(Path(f"metrics/cnn/curves/{m}.csv")) for m in members
-                      if Path(f"metrics/cnn/curves/{m}.csv").exists()}
+            curves = {m: _read_csv(R.cnn(m).curves["curves"]) for m in members if R.cnn(m).curves["curves"].exists()}
             if not curves:
                 continue
             for key, label in (("train_loss", "train loss"), ("val_auc", "validation AUC"), ("val_acc", "validation ACC")):
@@ -344,7 +349,7 @@ class Report:
         else:
             self.add("### Confusion matrices (test split)", "")
         for name in names:
-            src = Path(f"figures/cnn/{name}/confusion.png")
+            src = R.cnn(name).figures / "confusion.png"
             if src.exists():
                 alt = "per-label outcomes" if multi_label else "confusion"
                 self.add(f"![{name} {alt}]({_img(src, f'confusion_{name}.png')})")
@@ -352,9 +357,8 @@ class Report:
 
     # -- whole document ------------------------------------------------------------------------
     def build(self, commit: str) -> str:
-        if OUT.exists():
-            shutil.rmtree(OUT)
-        IMG.mkdir(parents=True)
+        fresh_dir(IMG.parent)   # nothing stale from an earlier build survives
+        IMG.mkdir()
         self.part1()
         self.part2()
         self.part3()
@@ -375,6 +379,15 @@ class Report:
         return "\n".join(self.lines + body) + "\n"
 
 
+# Run links are settled where the report is viewed, not when it is built (a run-cache restore
+# rebuilds nothing): report.html?mlflow=http://host:port points every MLflow run link there.
+VIEW_TIME_LINKS = (
+    "(function(){var ui=new URLSearchParams(location.search).get('mlflow');"
+    "if(!ui||!/^https?:\\/\\//.test(ui))return;ui=ui.replace(/\\/+$/,'');"
+    "document.querySelectorAll('a[href*=\"#/experiments/\"]').forEach(function(a){"
+    "var h=a.getAttribute('href');a.href=ui+'/'+h.slice(h.indexOf('#/experiments/'));});})();")
+
+
 def to_html(markdown_text: str, base: Path) -> str:
     """One self-contained HTML file: images inlined as data URIs, no external resources."""
     import markdown
@@ -391,4 +404,4 @@ def to_html(markdown_text: str, base: Path) -> str:
              "th{background:#eee}img{max-width:100%;margin:4px 0}blockquote{background:#fff3cd;border-left:5px solid "
              "#e0a800;margin:1em 0;padding:0.5em 1em}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Assignment report</title>'
-            f"<style>{style}</style></head><body>\n{body}\n</body></html>\n")
+            f"<style>{style}</style></head><body>\n{body}\n<script>{VIEW_TIME_LINKS}</script>\n</body></html>\n")

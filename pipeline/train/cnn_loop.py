@@ -277,7 +277,8 @@ def projection(model, splits: dict[str, DeviceSplit], cfg: Cnn, label: str, seco
             cfg.eval_batch_size)
     eval_seconds = (time.perf_counter() - start) / k
     total, per_epoch, detail = progress.cnn_projection(seconds_per_step, eval_seconds, steps_per_epoch, epochs_left,
-                                                       cfg.log_every, len(val.labels), len(splits["test"].labels))
+                                                       curve_interval(cfg.log_every, steps_per_epoch), len(val.labels),
+                                                       len(splits["test"].labels))
     return progress.projection_message(label, val.device.type, total, detail, on_cpu=val.device.type == "cpu",
                                        seconds_per_epoch=per_epoch, steps_per_epoch=steps_per_epoch,
                                        epochs=epochs_left, size=val.size or val.images.shape[1]), total
@@ -378,6 +379,7 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
     steps_per_epoch = -(-n // cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    log_every = curve_interval(cfg.log_every, steps_per_epoch)
     config = run_config(cfg, seed, splits, data_source, code_files) if checkpoint_dir is not None else {}
     key = config_fingerprint(config)
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{key[:16]}.pt"
@@ -445,7 +447,7 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             result.images_seen += len(index)
             running += loss.detach()
             running_n += 1
-            if step % cfg.log_every == 0:
+            if step % log_every == 0:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 result.train_seconds += time.perf_counter() - tick
@@ -469,8 +471,8 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             if math.isnan(val[cfg.select_by]):
                 print(f"epoch {epoch}: validation {cfg.select_by} is NaN (a class missing from the validation "
                       "split?); counted as the worst score for choosing the best epoch")
-        record({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"]},
-               step)
+        # lr: the one this epoch's steps trained with (read before scheduler.step), at its last step
+        record({"epoch_val_auc": val["auc"], "epoch_val_acc": val["acc"], "lr": lr}, step)
         if _better(val, result.best_val, cfg.select_by):
             result.best_val, result.best_epoch = val, epoch
             result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -478,6 +480,8 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
             # checkpoint, so a run resumed from it writes the same full curve)
             result.curve.append({"step": step, "epoch": epoch, "train_loss": float(running) / running_n,
                                  "val_auc": val["auc"], "val_acc": val["acc"]})
+            record({"train_loss": result.curve[-1]["train_loss"], "val_auc": val["auc"], "val_acc": val["acc"]},
+                   step)   # MLflow's curve ends where the CSV's does
         if checkpoint is not None and world.is_main:
             _save_checkpoint(checkpoint, {
                 "fingerprint": key, "config": config, "epoch": epoch, "step": step, "model": model.state_dict(),
@@ -490,6 +494,12 @@ def train(model: torch.nn.Module, splits: dict[str, DeviceSplit], cfg: Cnn, seed
               f"(epoch {result.best_epoch})")
     model.load_state_dict(result.best_state)
     return result
+
+
+def curve_interval(log_every: int, steps_per_epoch: int) -> int:
+    """Steps between curve points: `log_every`, but at least 4 points per epoch (every step of an
+    epoch shorter than 4), so no curve is a single dot when an epoch is shorter than `log_every`."""
+    return max(1, min(log_every, steps_per_epoch // 4))
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:

@@ -131,10 +131,10 @@ def test_every_scheduler_gives_the_lr_sequence_its_params_say(options):
         optimizer.step()
         scheduler.step()
     assert np.allclose(seen, [_lr_formula(cfg, e) for e in range(cfg.epochs)], rtol=1e-12, atol=1e-15)
-    # ... and as the training loop logs it after every epoch.
+    # ... and as the training loop logs it at every epoch's last step: the lr those steps trained with.
     _, _, logs = _train(cfg)
     logged = [m["lr"] for m, _ in logs if "lr" in m]
-    assert np.allclose(logged, [_lr_formula(cfg, e) for e in range(1, cfg.epochs + 1)], rtol=1e-12, atol=1e-15)
+    assert np.allclose(logged, [_lr_formula(cfg, e) for e in range(cfg.epochs)], rtol=1e-12, atol=1e-15)
 
 
 def test_optimizer_is_adam_with_the_configured_lr_and_weight_decay():
@@ -174,12 +174,19 @@ def test_steps_per_epoch_images_seen_and_the_logged_curve():
     assert int(model.steps) in (1, 2, 3, 4, 5, 6) and len(model.train_inputs) == 6   # ceil(10/4) = 3 per epoch
     assert [len(x) for x in model.train_inputs] == [4, 4, 2, 4, 4, 2]
     assert result.images_seen == 20
-    assert [r["step"] for r in result.curve] == [2, 4, 6] and [r["epoch"] for r in result.curve] == [1, 2, 2]
-    assert [s for m, s in logs if "train_loss" in m] == [2, 4, 6]
+    # An epoch of 3 steps is shorter than 4 curve points: every step is one (log_every 2 notwithstanding).
+    assert [r["step"] for r in result.curve] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in result.curve] == [1, 1, 1, 2, 2, 2]
+    assert [s for m, s in logs if "train_loss" in m] == [1, 2, 3, 4, 5, 6]
     capped = _train(_cfg(epochs=2, max_steps_per_epoch=2, batch_size=4, log_every=3), splits=_splits(n_train=10))
     assert capped[1].images_seen == 16 and len(capped[0].train_inputs) == 4
-    # The last row ends the curve at the last step when it is not a multiple of log_every.
-    assert [r["step"] for r in capped[1].curve] == [3, 4] and capped[1].curve[-1]["epoch"] == 2
+    assert [r["step"] for r in capped[1].curve] == [1, 2, 3, 4] and capped[1].curve[-1]["epoch"] == 2
+
+
+def test_the_curve_has_at_least_four_points_per_epoch_and_log_every_when_that_is_finer():
+    assert cnn_loop.curve_interval(100, 1407) == 100        # PathMNIST 64 px, batch 64: log_every stands
+    assert cnn_loop.curve_interval(100, 200) == 50 and cnn_loop.curve_interval(2, 6) == 1
+    assert cnn_loop.curve_interval(1000, 3) == 1 and cnn_loop.curve_interval(1000, 1) == 1
 
 
 def test_logged_train_loss_averages_the_steps_since_the_last_log():
@@ -549,38 +556,38 @@ def test_every_log_call_and_curve_row_is_exact():
     cfg = _cfg(epochs=2, max_steps_per_epoch=0, batch_size=2, log_every=2, lr=0.05)
     model, result, logs = _train(cfg, splits=_splits(n_train=6))
     losses = _expected_losses(cfg, 6)
-    val = []
-    for steps in (2, 3, 4, 6):   # validation after steps 2, 3 (epoch end), 4, 6 (epoch end, = log)
+
+    def val(steps):   # the validation scores after `steps` training steps
         scores = torch.softmax(TABLE[min(steps, 3)], 1).numpy()
-        val.append({"auc": getAUC(VAL_LABELS, scores, "multi-class"), "acc": getACC(VAL_LABELS, scores, "multi-class")})
-    expected_logs = [
-        ({"train_loss": (losses[0] + losses[1]) / 2, "val_auc": val[0]["auc"], "val_acc": val[0]["acc"]}, 2),
-        ({"epoch_val_auc": val[1]["auc"], "epoch_val_acc": val[1]["acc"], "lr": 0.05}, 3),
-        ({"train_loss": losses[3], "val_auc": val[2]["auc"], "val_acc": val[2]["acc"]}, 4),
-        ({"train_loss": (losses[4] + losses[5]) / 2, "val_auc": val[3]["auc"], "val_acc": val[3]["acc"]}, 6),
-        ({"epoch_val_auc": val[3]["auc"], "epoch_val_acc": val[3]["acc"], "lr": 0.05}, 6),
-    ]
+        return {"auc": getAUC(VAL_LABELS, scores, "multi-class"), "acc": getACC(VAL_LABELS, scores, "multi-class")}
+    # 3 steps per epoch, fewer than 4: a curve point at every step, then the epoch's record (with the
+    # lr its steps trained with) at its last step.
+    expected_logs = []
+    for epoch in (1, 2):
+        for step in range(3 * epoch - 2, 3 * epoch + 1):
+            expected_logs.append(({"train_loss": losses[step - 1], "val_auc": val(step)["auc"],
+                                   "val_acc": val(step)["acc"]}, step))
+        expected_logs.append(({"epoch_val_auc": val(3 * epoch)["auc"], "epoch_val_acc": val(3 * epoch)["acc"],
+                               "lr": 0.05}, 3 * epoch))
     assert [s for _, s in logs] == [s for _, s in expected_logs]
     for (got, _), (want, _) in zip(logs, expected_logs):
         assert got == pytest.approx(want, rel=1e-5) and set(got) == set(want)
-    rows = [{"step": s, "epoch": e, "train_loss": m["train_loss"], "val_auc": m["val_auc"], "val_acc": m["val_acc"]}
-            for (m, s), e in zip([expected_logs[0], expected_logs[2], expected_logs[3]], (1, 2, 2))]
+    rows = [{"step": s, "epoch": (s + 2) // 3, "train_loss": m["train_loss"], "val_auc": m["val_auc"],
+             "val_acc": m["val_acc"]} for m, s in expected_logs if "train_loss" in m]
     assert result.curve == [pytest.approx(r, rel=1e-5) for r in rows]
-    # The running mean restarts with each epoch (step 3 of epoch 1 is in no row but the last epoch's).
-    cfg = _cfg(epochs=1, max_steps_per_epoch=0, batch_size=2, log_every=2, lr=0.05)
-    _, short, _ = _train(cfg, splits=_splits(n_train=6))
-    assert [r["step"] for r in short.curve] == [2, 3]
-    assert short.curve[1]["train_loss"] == pytest.approx(losses[2], rel=1e-5)
 
 
 def test_the_curve_ends_at_the_last_step_with_the_mean_loss_since_the_last_log():
     cfg = _cfg(epochs=1, max_steps_per_epoch=0, batch_size=2, log_every=1000, lr=0.05)
-    _, result, _ = _train(cfg, splits=_splits(n_train=6))
+    _, result, logs = _train(cfg, splits=_splits(n_train=18))   # 9 steps: a point every 2, then step 9
+    assert [r["step"] for r in result.curve] == [2, 4, 6, 8, 9]
     scores = torch.softmax(TABLE[3], 1).numpy()
-    assert result.curve == [pytest.approx({
-        "step": 3, "epoch": 1, "train_loss": sum(_expected_losses(cfg, 3)) / 3,
+    assert result.curve[-1] == pytest.approx({
+        "step": 9, "epoch": 1, "train_loss": _expected_losses(cfg, 9)[8],
         "val_auc": getAUC(VAL_LABELS, scores, "multi-class"), "val_acc": getACC(VAL_LABELS, scores, "multi-class")},
-        rel=1e-5)]
+        rel=1e-5)
+    assert [s for m, s in logs if "train_loss" in m] == [2, 4, 6, 8, 9]   # MLflow's curve ends there too
+    assert result.curve[0]["train_loss"] == pytest.approx(sum(_expected_losses(cfg, 2)) / 2, rel=1e-5)   # steps 1-2
 
 
 def test_the_best_is_kept_when_no_epoch_beats_the_initial_minus_one():
@@ -636,7 +643,7 @@ def test_resume_restores_weights_optimizer_scheduler_and_random_stream(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.train_inputs, straight_model.train_inputs[2:]))
     # The resumed run logs the whole history: the calls before the interruption re-logged with their
     # steps, then the rest (lr of the cosine schedule included).
-    assert logs == straight_logs and len(logs) == 3
+    assert logs == straight_logs and len(logs) == 9   # 2 curve points and the epoch's record, per epoch
     assert resumed.curve == straight.curve and resumed.images_seen == straight.images_seen == 18
     assert resumed.train_seconds > saved["train_seconds"]
 
@@ -678,7 +685,7 @@ def test_projection_times_one_evaluation_batch_without_changing_anything(monkeyp
                         clock.__setattr__("now", clock.now + 100.0 * len(split.labels)))
     assert cnn_loop.projection(model, splits, cfg, "resnet", 0.25, 3, 4) == ("message", 10.0)
     assert seen == [(4, 4, 4, 4)]
-    assert calls["projection"] == (0.25, 100.0, 3, 4, 5, 6, 6)
+    assert calls["projection"] == (0.25, 100.0, 3, 4, 1, 6, 6)   # log_every 5 > 3 steps: a point every step
     assert calls["message"] == (("resnet", "cpu", 10.0, "d"), {"on_cpu": True, "seconds_per_epoch": 2.0,
                                                                 "steps_per_epoch": 3, "epochs": 4, "size": 4})
     splits = {s: replace(v, size=9) for s, v in splits.items()}
@@ -814,7 +821,9 @@ def test_console_output_reports_this_runs_numbers(monkeypatch):
     epoch_logs = [m for m, _ in logs if "lr" in m]
     assert len(lines) == 2
     for epoch, ((args, kwargs), logged) in enumerate(zip(lines, epoch_logs), 1):
-        assert args == (epoch, 2, 203.0)        # 3 training steps and 2 validation batches on the fake clock
+        # 3 training steps and 4 validations of 2 batches on the fake clock (a curve point every step of
+        # this 3-step epoch, and the epoch's end)
+        assert args == (epoch, 2, 803.0)
         assert kwargs["prefix"] == "net" and kwargs["lr"] == [0.05, 0.025][epoch - 1]
         assert kwargs["val_auc"] == logged["epoch_val_auc"] and kwargs["val_acc"] == logged["epoch_val_acc"]
         assert kwargs["train_loss"] == pytest.approx(np.mean(losses[3 * (epoch - 1):3 * epoch]), rel=1e-5)

@@ -9,13 +9,14 @@ import copy
 import dataclasses
 import functools
 import json
+import re
 from pathlib import Path
 
 import medmnist  # noqa: F401  (image titles come from medmnist's table: import it at collection, once, not per test run)
 import pytest
 import yaml
 
-from pipeline import params as P
+from pipeline import params as P, results as R
 from pipeline.report import build
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,17 +61,65 @@ def workspace(tmp_path, monkeypatch):
     _write("metrics/backprop.json", {"fd_threshold": 1e-6, "autograd_threshold": 1e-8,
                                      "fd_max_rel_error": {"theta1": 1e-9}, "autograd_max_rel_error": {"theta1": 1e-12},
                                      "epochs": 2, "classes": 3, "window": 24, "test_accuracy": 0.5,
-                                     "majority_baseline": 0.4, "n_test": 100})
+                                     "majority_baseline": 0.4, "n_test": 100, "gradcheck_max_rel_error": 1e-9})
     return params
 
 
+HEADLINE = re.compile(r"metrics/(?:(backprop)|(mlp|cnn)/([^/.]+))\.json")
+DATA_SOURCE = re.compile(r"(\S+)(?: (\d+)px)? \((\w+)\)")
+
+
+def _out(path) -> R.Results | None:
+    match = HEADLINE.fullmatch(str(path))
+    return None if match is None else R.backprop() if match[1] else R.Results(match[2], match[3])
+
+
+def _details_of(path) -> R.Results | None:
+    return _out(str(path).replace(".details.json", ".json")) if str(path).endswith(".details.json") else None
+
+
+def _headline_number(key: str) -> bool:
+    """The numbers the headline files held before pipeline/results.py (now in the details)."""
+    return key.startswith("test_") or key.endswith(("_mse", "_mae")) or \
+        key in ("skill", "majority_baseline", "gradcheck_max_rel_error")
+
+
 def _write(path, data):
+    """A file as the stages write it. A run's numbers given for its headline path go where
+    pipeline/results.py puts them: all into the details, the headline keys into the headline (as
+    write_results would, without its checks, so a test can write a bad value). A run.json's
+    `data_source` ("PathMNIST 64px (synthetic)") becomes the structured `data` the stages record."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    out, details_of = _out(path), _details_of(path)
+    if out is not None:
+        old = json.loads(out.details.read_text()) if out.details.exists() else {}
+        details = {**{k: v for k, v in old.items() if not _headline_number(k)}, **data}
+        Path(out.details).write_text(json.dumps(details))
+        data = {out.run: details.get(R.HEADLINE_OF[out.family])}
+    elif details_of is not None and details_of.details.exists():   # keeps the numbers written as the headline's
+        old = json.loads(details_of.details.read_text())
+        data = {**{k: v for k, v in old.items() if _headline_number(k)}, **data}
+    elif str(path).endswith(".run.json") and "data_source" in data:
+        title, size, source = DATA_SOURCE.fullmatch(data["data_source"]).groups()
+        name = title.lower() if size else title
+        identity = {"name": name, "title": title, "source": source}
+        if size:   # as the CNN stage records it: the set's own task
+            identity["task"] = medmnist.INFO[name]["task"] if name in medmnist.INFO else "multi-class"
+        data = {**{k: v for k, v in data.items() if k != "data_source"},
+                "data": {**identity, **({"size": int(size)} if size else {})}}
     Path(path).write_text(json.dumps(data))
 
 
+def _ran_on(params, data_source: str) -> None:
+    """Every CNN run's run.json names this data (as the stage records it)."""
+    for name in params.cnn_experiments():
+        _write(f"metrics/cnn/{name}.run.json", {"data_source": data_source})
+
+
 def _read(path):
-    return json.loads(Path(path).read_text())
+    """A file's contents; for a run's headline path, the run's numbers (its details)."""
+    out = _out(path)
+    return json.loads((out.details if out else Path(path)).read_text())
 
 
 def _with(params, ett=None, images=None):
@@ -104,8 +153,8 @@ def _mlp_cells_match_files(rows, variants):
         row = rows[f"mlp@{variant}"]
         mse = next(v for k, v in row.items() if k.endswith("MSE") and not k.startswith(("ref", "Δ")))
         mae = next(v for k, v in row.items() if k.endswith("MAE") and not k.startswith(("ref", "Δ")))
-        assert mse == f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f}"
-        assert mae == f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f}"
+        assert mse == f"{values['test_mse']:.4f} ± {values['test_mse_std']:.2g}"   # the spread: 2 significant digits
+        assert mae == f"{values['test_mae']:.4f} ± {values['test_mae_std']:.2g}"
         assert row["seeds"] == "5" and row["window_norm"] == values["window_norm"]
         assert row["test windows"] == "2689"
 
@@ -251,12 +300,16 @@ def test_a_metrics_file_without_the_tables_metric_is_missing(workspace, path, dr
     _write(path, values)
     report = build.Report(workspace)
     report.build("abc1234")
-    assert [m for m in report.missing if m.startswith("metrics/")] == [f"{path} (no {drop})"]
+    out = _out(path)   # a headline path: the number is in the details now (and the headline's own is gone)
+    expected = [f"{path} (no {drop})"] if out is None else [f"{out.details} (no {drop})"]
+    if out is not None and drop in ("test_mse", "test_auc", "test_accuracy"):
+        expected.insert(0, f"{out.headline} (no {out.headline_keys[0]})")
+    assert [m for m in report.missing if m.startswith("metrics/")] == expected
 
 
 def test_a_metric_of_the_wrong_type_fails(workspace):
     _write("metrics/cnn/finetune.json", {"test_auc": "high", "test_acc": 0.9})
-    with pytest.raises(ValueError, match="metrics/cnn/finetune.json: test_auc is 'high', not a number"):
+    with pytest.raises(ValueError, match="metrics/cnn/finetune.json: finetune is 'high', not a number"):
         build.Report(workspace).build("abc1234")
 
 
@@ -301,8 +354,7 @@ def test_part_2_states_the_naive_baselines_and_each_rows_skill(workspace):
             assert row["skill"] == f"{_read(f'metrics/mlp/{name[4:]}.json')['skill']:.3f}"
 
 
-def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_run_link(workspace, monkeypatch):
-    monkeypatch.setenv("MLFLOW_UI_URL", "http://ui.example:5000/")
+def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_run_link(workspace):
     _write("metrics/mlp/h1024.run.json", {"data_source": "ETTh1 (real)", "run_id": "0123456789abcdef" * 2,
                                           "ui_path": "#/experiments/3/runs/0123456789abcdef0123456789abcdef",
                                           "tracking_uri": "sqlite:///mlflow.db"})
@@ -311,11 +363,11 @@ def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_r
     ref = REFS["mlp"]["hidden_size"]["h1024"]
     row = next(line for line in _lines_after(text, "### Table 2: hidden size on ETTh1") if line.startswith("| mlp@h1024"))
     assert row == ("| mlp@h1024 | " + f"{cfg.lr:g} / 1024 | hidden 1024 | 5 | revin | "
-                   f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f} | "
-                   f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | {values['skill']:.3f} | "
+                   f"{values['test_mse']:.4f} ± {values['test_mse_std']:.2g} | "
+                   f"{values['test_mae']:.4f} ± {values['test_mae_std']:.2g} | {values['skill']:.3f} | "
                    f"{ref['mse']:.4f} | {ref['mae']:.4f} | {values['test_mse'] - ref['mse']:+.4f} | "
                    f"{values['test_mae'] - ref['mae']:+.4f} | 2689 | "
-                   "[`01234567`](http://ui.example:5000/#/experiments/3/runs/0123456789abcdef0123456789abcdef) |")
+                   "[`01234567`](http://127.0.0.1:5000/#/experiments/3/runs/0123456789abcdef0123456789abcdef) |")
     assert "| mlp@h2048 |" in text and "no MLflow run" in text.split("| mlp@h2048 |")[1].split("\n")[0]
 
 
@@ -353,8 +405,8 @@ def test_the_other_variants_table_holds_only_the_variants_outside_tables_1_and_2
         "", "| variant | seeds | window_norm | MSE | MAE | skill | best epoch | seconds | MLflow run |",
         "|---" * 9 + "|",
         f"| mlp@assignment ⚠ synthetic | 5 | {values['window_norm']} | "
-        f"{values['test_mse']:.4f} ± {values['test_mse_std']:.4f} | "
-        f"{values['test_mae']:.4f} ± {values['test_mae_std']:.4f} | {values['skill']:.3f} | "
+        f"{values['test_mse']:.4f} ± {values['test_mse_std']:.2g} | "
+        f"{values['test_mae']:.4f} ± {values['test_mae_std']:.2g} | {values['skill']:.3f} | "
         f"{values['best_epoch']} | 12.5 | no MLflow run |", ""]
     params = _parse(lambda raw: raw["mlp"]["variants"].pop("assignment"))
     assert "Other variants" not in build.Report(params).build("abc1234")
@@ -407,6 +459,7 @@ def test_cnn_table_columns_come_in_this_order(workspace):
         assert after[:3] == ["", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     after = _lines_after(text, "### Table 4: from scratch vs fine-tuned on PathMNIST 64 px")
     assert [line.split(" | ")[0] for line in after[3:7]] == ["| resnet18", "| densenet121", "| finetune", ""]
+    _ran_on(workspace, "DermaMNIST 64px (medmnist)")   # the set's spelling: as its runs recorded it
     text = build.Report(_with(workspace, images={"name": "dermamnist"})).build("abc1234")
     after = _lines_after(text, "### Table 4: from scratch vs fine-tuned on DermaMNIST 64 px")
     cols = ["run", "experiment", "AUC", "ACC"] + CNN_TAIL
@@ -441,6 +494,9 @@ def test_part_3_note_names_the_set_its_task_and_the_references(workspace):
     assert _lines_after(text, "## Part 3: CNNs on PathMNIST (64 px)")[1] == (
         "Test AUC and ACC on PathMNIST at 64 px, as MedMNIST's evaluator scores a multi-class set. "
         f"References (pathmnist, 64 px): {refs['source']}; Δ = ours − reference.")
+    assert "## Part 3: CNNs on pneumoniamnist (28 px)" in \
+        build.Report(_with(workspace, images={"name": "pneumoniamnist", "size": 28})).build("abc1234")  # no run on it yet
+    _ran_on(workspace, "PneumoniaMNIST 28px (medmnist)")   # its spelling and task: as its runs recorded them
     text = build.Report(_with(workspace, images={"name": "pneumoniamnist", "size": 28})).build("abc1234")
     assert _lines_after(text, "## Part 3: CNNs on PneumoniaMNIST (28 px)")[1] == (
         "Test AUC and ACC on PneumoniaMNIST at 28 px, as MedMNIST's evaluator scores a binary-class set. "
@@ -457,7 +513,7 @@ def test_per_label_details_make_a_set_multi_label_even_when_params_say_otherwise
 
 def test_a_bool_metric_is_not_a_number(workspace):
     _write("metrics/mlp/default.json", {**_read("metrics/mlp/default.json"), "test_mae": True})
-    with pytest.raises(ValueError, match="metrics/mlp/default.json: test_mae is True, not a number"):
+    with pytest.raises(ValueError, match="metrics/mlp/default.details.json: test_mae is True, not a number"):
         build.Report(workspace).build("abc1234")
     _write("metrics/mlp/default.json", {**_read("metrics/mlp/default.json"), "test_mae": 1})   # an int is one
     assert _table(build.Report(workspace).build("abc1234"), "Table 1")[1]["mlp@default"]["our MAE"].startswith(

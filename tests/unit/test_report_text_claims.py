@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.data import images
 from pipeline.report import build
-from test_report_claims import REFS, _lines_after, _read, _table, _with, _write, workspace  # noqa: F401
+from test_report_claims import REFS, _lines_after, _ran_on, _read, _table, _with, _write, workspace  # noqa: F401
 
 
 # -- formatting ------------------------------------------------------------------------------------
@@ -31,10 +31,16 @@ def test_diff_is_ours_minus_reference_signed():
     assert build._diff(None, 0.5) == "n/a" and build._diff(0.5, None) == "n/a"
 
 
-def test_spread_is_mean_plus_minus_std_or_the_mean_alone():
+def test_spread_is_mean_plus_minus_std_in_two_significant_digits_or_the_mean_alone():
     assert build._spread(0.44853, 0.00861) == "0.4485 ± 0.0086"
-    assert build._spread(1.26, 0.04, 1) == "1.3 ± 0.0"
+    assert build._spread(0.44853, 0.000321) == "0.4485 ± 0.00032"       # a small spread keeps its digits
+    assert build._spread(1.26, 0.04, 1) == "1.3 ± 0.04"
     assert build._spread(0.44853, None) == "0.4485" and build._spread(None, 0.1) == "n/a"
+
+
+def test_fmt_gives_a_small_number_significant_digits_not_zeros():
+    assert build._fmt(0.00032) == "0.00032" and build._fmt(-0.0000123) == "-1.2e-05"
+    assert build._fmt(0.01) == "0.0100" and build._fmt(0.0) == "0.0000"
 
 
 def test_read_csv_turns_empty_and_short_cells_into_nan(tmp_path):
@@ -61,52 +67,48 @@ def test_img_copies_the_figure_next_to_the_report_and_links_it_relatively(tmp_pa
 
 # -- names, links, marks ---------------------------------------------------------------------------
 
-def test_image_title_is_medmnists_spelling_and_a_users_own_name_otherwise(workspace):
-    spec = workspace.data.images
-    assert build.image_title(spec) == "PathMNIST"
-    assert build.image_title(_with(workspace, images={"name": "chestmnist"}).data.images) == "ChestMNIST"
-    own = _with(workspace, images={"name": "my_cells", "source": "file", "path": "x.npz"}).data.images
-    assert build.image_title(own) == "my_cells"
+def test_data_label_spells_a_runs_data_from_its_fields():
+    assert build.data_label({"name": "ETTh1", "title": "ETTh1", "source": "real"}) == "ETTh1 (real)"
+    assert build.data_label({"name": "chestmnist", "title": "ChestMNIST", "source": "synthetic", "size": 28}) == \
+        "ChestMNIST 28px (synthetic)"
+    assert build.data_label({}) == ""
 
 
-def test_image_task_is_params_task_else_the_sets_own(workspace):
-    assert build.image_task(workspace.data.images) == "multi-class"
-    assert build.image_task(_with(workspace, images={"name": "chestmnist"}).data.images) == images.MULTI_LABEL
-    assert build.image_task(_with(workspace, images={"name": "chestmnist", "task": "binary-class"}).data.images) \
-        == "binary-class"
-
-
-def test_ui_address_prefers_the_env_then_an_http_tracking_server_and_drops_logins(monkeypatch):
-    monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
+def test_ui_address_is_an_http_tracking_server_else_mlflow_uis_default_and_never_a_login(monkeypatch):
+    monkeypatch.setenv("MLFLOW_UI_URL", "http://me:***@ui.example:8080/")   # the environment plays no part
     assert build.ui_address("http://host:5000/") == "http://host:5000"
     assert build.ui_address("https://user:secret@host/mlflow/") == "https://host/mlflow"
-    assert build.ui_address("sqlite:///mlflow.db") == "" and build.ui_address("file:///tmp/mlruns") == ""
-    assert build.ui_address("") == ""
+    assert build.ui_address("sqlite:///mlflow.db") == build.DEFAULT_UI == "http://127.0.0.1:5000"
+    assert build.ui_address("file:///tmp/mlruns") == build.ui_address("") == build.DEFAULT_UI
     assert build.ui_address("http://ui.example/MLX/") == "http://ui.example/MLX"    # only the slash goes
-    monkeypatch.setenv("MLFLOW_UI_URL", "http://me:***@ui.example:8080/")
-    assert build.ui_address("sqlite:///mlflow.db") == "http://ui.example:8080"
-    assert build.ui_address("http://host:5000") == "http://ui.example:8080"
 
 
-def test_run_link_links_the_run_when_the_ui_is_known_else_names_it(monkeypatch):
-    monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
+def test_run_link_links_the_run_or_says_why_there_is_none():
     run = {"run_id": "abcdef0123456789", "ui_path": "#/experiments/1/runs/abcdef0123456789"}
     assert build.Report.run_link({**run, "tracking_uri": "http://h:5000/"}) == \
         "[`abcdef01`](http://h:5000/#/experiments/1/runs/abcdef0123456789)"
-    assert build.Report.run_link({**run, "tracking_uri": "sqlite:///mlflow.db"}) == \
-        "`abcdef01` (`#/experiments/1/runs/abcdef0123456789`)"
-    assert build.Report.run_link(run) == "`abcdef01` (`#/experiments/1/runs/abcdef0123456789`)"
+    assert build.Report.run_link({**run, "tracking_uri": "sqlite:///mlflow.db"}) == build.Report.run_link(run) == \
+        "[`abcdef01`](http://127.0.0.1:5000/#/experiments/1/runs/abcdef0123456789)"
     assert build.Report.run_link({}) == "no MLflow run"
     assert build.Report.run_link({"tracking_failed": "server down"}) == "no MLflow run (server down)"
 
 
+def test_the_html_repoints_run_links_to_the_address_it_is_opened_with(tmp_path):
+    html = build.to_html("[`abc`](http://127.0.0.1:5000/#/experiments/1/runs/abc)\n", tmp_path)
+    script = html.split("<script>")[1].split("</script>")[0]
+    assert script == build.VIEW_TIME_LINKS and "get('mlflow')" in script and "https?" in script
+
+
 def test_mark_flags_synthetic_data_and_another_data_set():
     mark = build.Report.mark
-    assert mark({}, "ETTh1 ") == "" and mark({"data_source": "ETTh1 (real)"}, "ETTh1 ") == ""
-    assert mark({"data_source": "ETTh2 (real)"}, "ETTh1 ") == " ⚠ ran on ETTh2 (real)"
-    assert mark({"data_source": "ETTh1 (synthetic)"}, "ETTh1 ") == " ⚠ synthetic"
-    assert mark({"data_source": "ETTh2 (real)"}) == ""                     # no data set named: no comparison
-    assert mark({"data_source": "PathMNIST 64px (synthetic)"}) == " ⚠ synthetic"
+    ett = {"name": "ETTh1", "title": "ETTh1", "source": "real"}
+    assert mark({}, {"name": "ETTh1"}) == "" and mark({"data": ett}, {"name": "ETTh1"}) == ""
+    assert mark({"data": {**ett, "name": "ETTh2", "title": "ETTh2"}}, {"name": "ETTh1"}) == " ⚠ ran on ETTh2 (real)"
+    assert mark({"data": {**ett, "source": "synthetic"}}, {"name": "ETTh1"}) == " ⚠ synthetic"
+    assert mark({"data": {**ett, "name": "ETTh2"}}) == ""                  # no data set named: no comparison
+    path = {"name": "pathmnist", "title": "PathMNIST", "source": "synthetic", "size": 64}
+    assert mark({"data": path}) == " ⚠ synthetic"
+    assert mark({"data": path}, {"name": "pathmnist", "size": 28}) == " ⚠ ran on PathMNIST 64px (synthetic)"
 
 
 # -- part 1 ------------------------------------------------------------------------------------------
@@ -130,7 +132,7 @@ def test_part_1_states_the_gradient_errors_thresholds_and_accuracy_margin_from_i
 
 
 def test_part_1_without_its_numbers_says_missing_and_draws_no_table(workspace):
-    _write("metrics/backprop.json", {"test_accuracy": 0.5, "majority_baseline": 0.4})
+    _write("metrics/backprop.details.json", {"test_accuracy": 0.5, "majority_baseline": 0.4})
     report = build.Report(workspace)
     text = report.build("abc1234")
     part1 = text.split("## Part 1")[1].split("## Part 2")[0]
@@ -147,7 +149,7 @@ def test_part_1_without_its_numbers_says_missing_and_draws_no_table(workspace):
 def test_part_1_fails_on_an_accuracy_that_is_not_a_number(workspace, value):
     """A bool would print as 1.0000 and a string failed on an unrelated format error: both name the file now."""
     _write("metrics/backprop.json", {**_read("metrics/backprop.json"), "test_accuracy": value})
-    with pytest.raises(ValueError, match=f"metrics/backprop.json: test_accuracy is {value!r}, not a number"):
+    with pytest.raises(ValueError, match=f"metrics/backprop.json: backprop is {value!r}, not a number"):
         build.Report(workspace).build("abc1234")
 
 
@@ -265,6 +267,7 @@ def test_part_3_links_the_feature_maps_and_each_confusion_matrix_that_exists(wor
     assert Path("reports/img/feature_maps.png").read_bytes() == b"figures/features/feature_maps.png"
     assert not [m for m in report.missing if "features" in m or "confusion" in m]
     Path("figures/features/feature_maps.png").unlink()
+    _ran_on(workspace, "ChestMNIST 64px (synthetic)")   # its task (multi-label): as its runs recorded it
     report = build.Report(_with(workspace, images={"name": "chestmnist"}))
     text = report.build("abc1234")
     assert "figures/features/feature_maps.png" in report.missing and "![feature maps]" not in text
