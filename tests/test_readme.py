@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SHARED_DATA, dvc, env, free_port, make_repo_copy, small_params
+from conftest import REPO, SHARED_DATA, env, free_port, make_repo_copy, small_params
 
 SHELL = {"bash", "sh", "shell"}
 NETWORK = "# needs the network"

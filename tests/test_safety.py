@@ -3,7 +3,6 @@ message and exit 2 with nothing half-written, stale MLflow runs closed, a fresh 
 experiment outside DVC's temp copies, and two `dvc exp run` at once detected."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

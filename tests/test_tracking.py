@@ -3,7 +3,6 @@
 import itertools
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SHARED_DATA, VENV_BIN, dvc, env, free_port, make_repo_copy, run, small_params
+from conftest import SHARED_DATA, VENV_BIN, dvc, free_port, make_repo_copy, run, serving, small_params
 from pipeline.paths import main_repo_root
 from pipeline.tracking import GIT_COMMIT_TAG, _redact
 
@@ -34,27 +33,11 @@ def backprop_repo(tmp_path):
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
-    server = subprocess.Popen(
-        [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300   # gunicorn on a loaded 2-core machine
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited: {server.stderr.read()[-2000:]}")
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start within 300 s")
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
+    with serving([str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                  "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"], port,
+                 "mlflow server") as uri:
+        yield uri
 
 
 def test_stage_logs_to_a_real_mlflow_server(backprop_repo, mlflow_server):

@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 
 from pipeline import figures, results as R
+from pipeline.models.registry import MODEL_A, MODEL_B, MODELS
 from pipeline.outputs import copy_file, fresh_dir
 from pipeline.params import Params
 from pipeline.paths import REPORTS
@@ -321,9 +322,8 @@ class Report:
                     row(name, ref, published)
             self.add("")
         self.add("### Curves (train loss, validation AUC, validation ACC against iterations)", "")
-        base = "densenet121"
-        groups = {"Model A vs model B": ["resnet18", base]}
-        groups.update({f"{name} vs B": [base, name] for name in names if name not in ("resnet18", base)})
+        groups = {"Model A vs model B": [MODEL_A, MODEL_B]}
+        groups.update({f"{name} vs B": [MODEL_B, name] for name in names if name not in (MODEL_A, MODEL_B)})
         for group, members in groups.items():
             curves = {m: _read_csv(R.cnn(m).curves["curves"]) for m in members if R.cnn(m).curves["curves"].exists()}
             if not curves:
@@ -336,7 +336,7 @@ class Report:
                 self.add(f"![{group} {label}]({path.relative_to(OUT)})")
             self.add("")
         src = Path("figures/features/feature_maps.png")
-        self.add("### Feature maps of ResNet-18", "")
+        self.add(f"### Feature maps of {MODELS[MODEL_A].title}", "")   # what stages/features.py draws
         if src.exists():
             self.add(f"![feature maps]({_img(src, 'feature_maps.png')})", "")
         else:
