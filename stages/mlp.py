@@ -56,7 +56,7 @@ def main(argv):
             results[seed] = fit(data, replace(cfg, window_norm=chosen), seed,
                                 label=f"mlp@{variant} [{chosen}, seed {seed}]")
         first = results[seeds[0]]
-        tracker.params({"window_norm_chosen": chosen})
+        tracker.params({"window_norm_chosen": chosen, **({"ridge_chosen": first.base.ridge} if first.base else {})})
         for row in first.history:
             tracker.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
@@ -84,6 +84,9 @@ def main(argv):
                    "n_test_windows": n_test_windows, "n_seeds": len(seeds),
                    "window_norm": chosen,
                    "window_norm_val_loss": {norm: r.best_val_loss for norm, r in candidates.items()},
+                   # residual: linear: the base's ridge strength, chosen on validation ("inf": the naive forecast)
+                   **({"ridge": str(first.base.ridge),
+                       "ridge_val_loss": {str(k): v for k, v in first.base.val_loss.items()}} if first.base else {}),
                    "per_seed": per_seed,
                    "baselines_val": naive_splits["val"],
                    "dataset": name, "data_sha256": sha256, "data_pinned": bool(pin)}

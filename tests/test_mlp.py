@@ -239,8 +239,9 @@ def test_the_cosine_schedule_anneals_from_lr_towards_zero():
     assert [learning_rate(replace(cfg, lr_schedule="step"), e) for e in (1, 2, 3)] == [2.0, 1.0, 0.5]
 
 
-def test_the_stage_headline_holds_the_naive_baselines_of_its_test_windows(tmp_path):
-    """metrics/mlp/<variant>.details.json and MLflow hold the baselines (the headline: the test MSE alone)."""
+def test_the_stage_details_hold_the_naive_baselines_of_its_test_windows_and_the_chosen_ridge(tmp_path):
+    """metrics/mlp/<variant>.details.json and MLflow hold the baselines and the residual's ridge
+    (the headline: the test MSE alone)."""
     params = small_params()
     params["mlp"]["defaults"].update(input_len=24, pred_len=24, kernel=5, hidden=8, epochs=1, seeds=1,
                                      window_norm="none")   # the default residual: a ridge base, then the MLPs
@@ -258,6 +259,8 @@ def test_the_stage_headline_holds_the_naive_baselines_of_its_test_windows(tmp_pa
     assert headline["window_mean_mse"] == pytest.approx(mean, rel=1e-5)
     assert headline["skill"] == pytest.approx(headline["test_mse"] / min(last, mean), rel=1e-5)
     assert {"linear_mse", "linear_mae", "repeat_last_mae", "window_mean_mae"} <= set(headline)
+    tried = headline["ridge_val_loss"]   # every strength of mlp.defaults.ridge and inf, on validation
+    assert "inf" in tried and headline["ridge"] == min(tried, key=tried.get)
     import mlflow
     from pipeline.tracking import EXPERIMENTS
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
