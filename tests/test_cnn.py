@@ -177,7 +177,7 @@ def test_checkpoint_fingerprint_covers_code_and_device(tmp_path):
 
 
 def test_changed_code_does_not_resume_an_old_checkpoint_and_a_final_one_keeps_the_full_curve(tmp_path):
-    data = _dataset(96)   # 3 steps per epoch at batch 32: the curve ends with a row after the last log
+    data = _dataset(96)   # 3 steps per epoch at batch 32
     cfg = Cnn(model="resnet18", epochs=1, batch_size=32, log_every=2, eval_batch_size=256)
     code = tmp_path / "stage.py"
     code.write_text("x = 1\n")
@@ -190,7 +190,7 @@ def test_changed_code_does_not_resume_an_old_checkpoint_and_a_final_one_keeps_th
                               resume=resume)
 
     first = run(cfg)
-    assert first.checkpoint.exists() and [r["step"] for r in first.curve] == [2, 3]
+    assert first.checkpoint.exists() and [r["step"] for r in first.curve] == [1, 2, 3]   # every step: < 4 in an epoch
     resumed = run(cfg, resume=True)            # from the final checkpoint: nothing left to train
     assert resumed.resumed_from == 1 and resumed.curve == first.curve and resumed.best_val == first.best_val
     code.write_text("x = 2\n")                          # e.g. a fixed augment.py
