@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from pipeline.outputs import atomic_path  # noqa: E402
 
@@ -36,12 +37,9 @@ def forecast(history: np.ndarray, truth: np.ndarray, prediction: np.ndarray, tit
 
 
 def smooth(values, factor: float = 0.6) -> np.ndarray:
-    """Exponential moving average, as TensorBoard's smoothing slider (factor 0.6)."""
-    out, last = [], None
-    for v in values:
-        last = v if last is None else factor * last + (1 - factor) * v
-        out.append(last)
-    return np.array(out)
+    """Exponential moving average, as TensorBoard's smoothing slider (factor 0.6): pandas' ewm
+    without bias correction, starting at the first value."""
+    return pd.Series(values, dtype=float).ewm(alpha=1 - factor, adjust=False).mean().to_numpy()
 
 
 def curves(series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, xlabel: str, ylabel: str, path: Path,

@@ -12,13 +12,13 @@ that depends on where the report is viewed (the MLflow UI's address) is settled 
 from __future__ import annotations
 
 import base64
-import csv
 import datetime
 import json
 import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from pipeline import figures, results as R
@@ -45,9 +45,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows]) for k in rows[0]}
+    """A curve file's columns as float arrays (an empty cell is NaN: a metric not logged that step)."""
+    frame = pd.read_csv(path)
+    return {k: frame[k].to_numpy(dtype=float) for k in frame.columns}
 
 
 def _img(src: Path, name: str) -> str:
