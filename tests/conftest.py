@@ -30,6 +30,7 @@ def small_params() -> dict:
     p["mlp"]["defaults"].update(epochs=2, hidden=32, seeds=2)
     p["mlp"]["variants"]["h1024"] = {"hidden": 48}
     p["mlp"]["variants"]["h2048"] = {"hidden": 64}
+    p["mlp"]["variants"]["assignment"]["epochs"] = 2   # it pins the assignment's 10 epochs
     p["cnn"]["defaults"].update(epochs=1, batch_size=32, eval_batch_size=64, log_every=2)
     p["cnn"]["experiments"]["finetune"]["epochs"] = 1
     return p
