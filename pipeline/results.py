@@ -49,21 +49,13 @@ class Results:
     def _stem(self) -> Path:
         return METRICS / "backprop" if self.family == "backprop" else METRICS / self.family / self.run
 
-    @property
-    def headline(self) -> Path:
-        return self._stem.with_name(self._stem.name + ".json")
+    def _file(self, suffix: str) -> Path:
+        return self._stem.with_name(self._stem.name + suffix)
 
-    @property
-    def details(self) -> Path:
-        return self._stem.with_name(self._stem.name + ".details.json")
-
-    @property
-    def timing(self) -> Path:
-        return self._stem.with_name(self._stem.name + ".timing.json")
-
-    @property
-    def run_info(self) -> Path:
-        return self._stem.with_name(self._stem.name + ".run.json")
+    headline = property(lambda self: self._file(".json"))
+    details = property(lambda self: self._file(".details.json"))
+    timing = property(lambda self: self._file(".timing.json"))
+    run_info = property(lambda self: self._file(".run.json"))
 
     @property
     def figures(self) -> Path:
@@ -119,11 +111,7 @@ def write_results(results: Results, details: dict, timing: dict, run_info: dict,
     unknown = sorted(set(data) - set(DATA_KEYS))
     if unknown:
         raise ValueError(f"data identity: unknown keys {unknown}; pipeline/results.py DATA_KEYS lists them")
-    try:
-        headline = results.headline_of(details)
-    except KeyError as error:
-        raise ValueError(f"{results.headline}: the stage did not compute {error.args[0]}, which the headline "
-                         "holds") from None
+    headline = results.headline_of(details)   # its key is one of details_keys, checked above
     for key, value in headline.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"{results.headline}: {key} is {value!r}, not a number")
