@@ -26,7 +26,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from pipeline import devices, params as P, progress
-from pipeline.models import cnn
+from pipeline.models import cnn, registry
 from pipeline.params import Cnn
 from pipeline.train import augment, cnn_loop
 
@@ -141,7 +141,7 @@ def main():
     parser.add_argument("--full", action="store_true", help="full-size train split (89,996 images)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
-    parser.add_argument("--models", default="resnet18,densenet121")
+    parser.add_argument("--models", default=",".join(registry.MODELS), help="comma-separated (default: every registered CNN)")
     args = parser.parse_args()
 
     device = devices.resolve_device("auto")

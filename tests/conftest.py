@@ -113,19 +113,28 @@ def dvc(repo: Path, *args, **kw) -> subprocess.CompletedProcess:
     return run([str(Path(VENV_BIN) / "dvc"), *args], repo, **kw)
 
 
-def wait_for(ready, timeout: float, what: str, process: subprocess.Popen | None = None, every: float = 0.5):
+def wait_for(ready, timeout: float, what: str, process: subprocess.Popen | None = None, every: float = 0.5,
+             detail=None):
     """Poll `ready()` until it gives something truthy and return that. Fails loudly, naming `what`,
-    when `timeout` seconds pass or `process` exits first: no polling loop carries on silently."""
+    when `timeout` seconds pass or `process` exits first: no polling loop carries on silently. The
+    failure ends with the tail of what an exited `process` printed to its pipes, or `detail()`."""
     deadline = time.monotonic() + timeout
     while True:
         value = ready()
         if value:
             return value
         if process is not None and process.poll() is not None:
-            pytest.fail(f"{what}: the process exited with {process.returncode} first")
+            pytest.fail(f"{what}: the process exited with {process.returncode} first\n{_said(process, detail)}")
         if time.monotonic() > deadline:
-            pytest.fail(f"{what}: still not so after {timeout:.0f} s")
+            pytest.fail(f"{what}: still not so after {timeout:.0f} s\n{detail() if detail else ''}")
         time.sleep(every)
+
+
+def _said(process: subprocess.Popen, detail) -> str:
+    if detail:
+        return detail()
+    output = [t.decode(errors="replace") if isinstance(t, bytes) else t for t in process.communicate(timeout=60)]
+    return "\n".join(text for text in output if text)[-3000:]
 
 
 def port_open(port: int) -> bool:

@@ -7,13 +7,12 @@ the two must end with the same weights, up to float rounding."""
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import env, make_repo_copy, run, small_params
+from conftest import env, make_repo_copy, run, small_params, wait_for
 from pipeline.models import cnn
 from pipeline.train import distributed
 from pipeline.train.distributed import World
@@ -75,10 +74,7 @@ def test_a_single_machine_run_listens_on_the_loopback_only(tmp_path, monkeypatch
                                         OMP_NUM_THREADS=1),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while len(list(tmp_path.glob("rank*"))) < 2 and time.monotonic() < deadline and launcher.poll() is None:
-            time.sleep(0.2)
-        assert launcher.poll() is None, launcher.communicate()[0]
+        wait_for(lambda: len(list(tmp_path.glob("rank*"))) == 2, 300, "both ranks up", process=launcher, every=0.2)
         tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
         listening = [c.laddr for p in tree for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
         assert listening, "the rendezvous store should be listening"
@@ -137,10 +133,8 @@ def test_an_interrupted_two_process_run_leaves_no_partial_output(ddp_repo, tmp_p
     process = subprocess.Popen(["python", "-m", "stages.cnn", "resnet18"], cwd=ddp_repo,
                                env=env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
-    deadline = time.monotonic() + 300
-    while not any(checkpoints.glob("*.pt")) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.5)   # wait until training is under way (its first epoch checkpoint exists)
-    assert process.poll() is None, process.communicate()[0]
+    # training is under way: its first epoch checkpoint exists
+    wait_for(lambda: any(checkpoints.glob("*.pt")), 300, "epoch 1's checkpoint", process=process)
     os.kill(process.pid, signal.SIGTERM)   # the stage's process is torchrun now (exec)
     output = process.communicate(timeout=120)[0]
     assert process.returncode != 0, output

@@ -7,14 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, VENV_BIN, dvc, env, make_repo_copy, run, small_params
+from conftest import REPO, VENV_BIN, dvc, env, make_repo_copy, run, small_params, wait_for
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
@@ -137,13 +136,9 @@ def test_interrupted_stage_fails_keeps_nothing_and_marks_the_run_killed(data_rep
     try:
         process = subprocess.Popen([sys.executable, "-m", "stages.cnn", name], cwd=data_repo, env=env(),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        def saved():   # a finished checkpoint, not the temporary file of one being written
-            return [c for c in checkpoints.glob("*.pt") if not c.name.startswith("tmp.")]
-
-        while not saved() and time.time() < deadline and process.poll() is None:
-            time.sleep(0.2)
-        assert saved(), process.communicate()
+        # a finished checkpoint, not the temporary file of one being written
+        wait_for(lambda: [c for c in checkpoints.glob("*.pt") if not c.name.startswith("tmp.")], 300,
+                 "epoch 1's checkpoint", process=process, every=0.2)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
         assert process.returncode != 0 and "interrupted" in stderr
@@ -190,13 +185,11 @@ def test_two_queued_experiments_run_at_once_and_both_land_in_the_store(pipeline_
     for lr in (0.15, 0.25):
         dvc(pipeline_repo, "exp", "run", "--queue", "-S", f"backprop.lr={lr}", "-n", f"queued-{lr}")
     dvc(pipeline_repo, "queue", "start", "-j", "2")
-    deadline = time.time() + 900
-    while time.time() < deadline:
+    def finished():
         status = dvc(pipeline_repo, "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(5)
-    status = dvc(pipeline_repo, "queue", "status").stdout
+        return status if "Queued" not in status and "Running" not in status else None
+
+    status = wait_for(finished, 900, "DVC's queue running both experiments to the end", every=5)
     assert "Failed" not in status, status + dvc(pipeline_repo, "queue", "logs", "queued-0.15", check=False).stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("part1-backprop")
@@ -268,13 +261,9 @@ def test_a_stage_started_from_a_shell_that_ignores_sigint_still_stops_cleanly(da
     try:
         process = subprocess.Popen(["bash", "-c", f'trap "" INT; exec "{sys.executable}" -m stages.backprop'],
                                    cwd=data_repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        new = []
-        while not new and time.time() < deadline and process.poll() is None:   # wait until training runs
-            time.sleep(0.5)
-            new = [r for r in client.search_runs([experiment.experiment_id])
-                   if r.info.run_id not in known and "val_accuracy" in r.data.metrics]
-        assert new, process.communicate()
+        new = wait_for(lambda: [r for r in client.search_runs([experiment.experiment_id])
+                                if r.info.run_id not in known and "val_accuracy" in r.data.metrics],
+                       300, "the stage's MLflow run logging training", process=process)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:

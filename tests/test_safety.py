@@ -6,14 +6,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, dvc, env, free_port, make_repo_copy, run, small_params
+from conftest import REPO, dvc, env, free_port, make_repo_copy, run, small_params, wait_for
 
 PASSWORD = "pl4nted-Passw0rd-xyz"
 
@@ -106,13 +105,11 @@ def test_a_sigkilled_run_is_marked_killed_at_the_next_start_of_its_stage(data_re
     try:
         process = subprocess.Popen([sys.executable, "-m", "stages.backprop"], cwd=data_repo, env=env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline, running = time.monotonic() + 300, []
-        while not running and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.5)
+        def started():
             experiment = client.get_experiment_by_name("part1-backprop")
-            if experiment is not None:
-                running = client.search_runs([experiment.experiment_id], f"tags.pid = '{process.pid}'")
-        assert running, "the stage never started its MLflow run"
+            return experiment and client.search_runs([experiment.experiment_id], f"tags.pid = '{process.pid}'")
+
+        running = wait_for(started, 300, "the stage starting its MLflow run", process=process)
         process.kill()
         process.wait(timeout=60)
         assert client.get_run(running[0].info.run_id).info.status == "RUNNING"   # SIGKILL closes nothing
@@ -182,13 +179,13 @@ def test_two_dvc_exp_runs_at_once_in_one_workspace_fail_loudly_with_the_queue_ad
                               "-S", "backprop.epochs=10000", "backprop"], cwd=repo, env=env(),
                              stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline, training = time.monotonic() + 600, []
-        while not training and time.monotonic() < deadline and first.poll() is None:   # its stage trains
-            time.sleep(1)
+        def training():   # the first run's stage trains
             experiment = client.get_experiment_by_name("part1-backprop") if (repo / "mlflow.db").exists() else None
-            if experiment is not None:
-                training = [r for r in client.search_runs([experiment.experiment_id]) if "val_accuracy" in r.data.metrics]
-        assert training, (tmp_path / "first.log").read_text()
+            return experiment and [r for r in client.search_runs([experiment.experiment_id])
+                                   if "val_accuracy" in r.data.metrics]
+
+        wait_for(training, 600, "the first experiment's stage training", process=first, every=1,
+                 detail=lambda: (tmp_path / "first.log").read_text()[-3000:])
         # short, whichever way DVC then goes (busy lock, or a run after the first gave up)
         second = dvc(repo, "exp", "run", "-n", "second", "-S", "backprop.lr=0.07", "-S", "backprop.epochs=2",
                      "backprop", check=False, timeout=900)
