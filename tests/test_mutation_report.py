@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from bench import mutation_report as report
@@ -40,3 +44,20 @@ def test_equivalent_files_need_a_reason_for_every_name(tmp_path):
     (tmp_path / "pipeline.b.txt").write_text("pipeline.b.xǁCǁm__mutmut_1\n")
     with pytest.raises(SystemExit, match="pipeline.b.txt:1: .* has no reason"):
         report.equivalents(tmp_path)
+
+
+def test_mutmut_copies_every_project_package_the_unit_tests_import():
+    # mutmut runs tests/unit inside mutants/, which holds only source_paths and also_copy: a
+    # package missing there fails mutmut's first (stats) run, and no mutant is ever checked.
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mutmut"]
+    copied = {entry.strip("/").split("/")[0] for entry in config["also_copy"] + config["source_paths"]}
+    packages = {p.name for p in root.iterdir() if (p / "__init__.py").exists()}
+    imported = set()
+    for test in (root / "tests/unit").glob("*.py"):
+        for node in ast.walk(ast.parse(test.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+    assert "pipeline" in imported and imported & packages <= copied, sorted(imported & packages - copied)
