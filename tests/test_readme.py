@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SHARED_DATA, env, free_port, make_repo_copy, small_params
+from conftest import REPO, SHARED_DATA, env, free_port, make_repo_copy, small_params, wait_for
 
 SHELL = {"bash", "sh", "shell"}
 NETWORK = "# needs the network"
@@ -57,16 +56,14 @@ def _serve_until_up(script: str, repo: Path, port: int) -> None:
     proc = subprocess.Popen(["bash", "-c", script], cwd=repo, env=env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
+        def page() -> bool:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
-                    assert page.status == 200
-                    return
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+                    return answer.status == 200
             except OSError:
-                time.sleep(1)
-        raise AssertionError(f"no page on port {port} after 180 s")
+                return False
+
+        wait_for(page, 300, f"the README's server answering on port {port}", process=proc, every=1)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
