@@ -46,18 +46,22 @@ def test_equivalent_files_need_a_reason_for_every_name(tmp_path):
         report.equivalents(tmp_path)
 
 
-def test_mutmut_copies_every_project_package_the_unit_tests_import():
+def test_mutmut_copies_every_project_package_and_root_file_the_unit_tests_use():
     # mutmut runs tests/unit inside mutants/, which holds only source_paths and also_copy: a
-    # package missing there fails mutmut's first (stats) run, and no mutant is ever checked.
+    # package or file missing there fails mutmut's first (stats) run, and no mutant is checked.
     root = Path(__file__).resolve().parents[1]
     config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mutmut"]
     copied = {entry.strip("/").split("/")[0] for entry in config["also_copy"] + config["source_paths"]}
     packages = {p.name for p in root.iterdir() if (p / "__init__.py").exists()}
-    imported = set()
+    used = set()
     for test in (root / "tests/unit").glob("*.py"):
         for node in ast.walk(ast.parse(test.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                imported.add(node.module.split(".")[0])
+                used.add(node.module.split(".")[0])
             elif isinstance(node, ast.Import):
-                imported.update(alias.name.split(".")[0] for alias in node.names)
-    assert "pipeline" in imported and imported & packages <= copied, sorted(imported & packages - copied)
+                used.update(alias.name.split(".")[0] for alias in node.names)
+            elif (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.left, ast.Name)
+                  and node.left.id == "REPO" and isinstance(node.right, ast.Constant)):   # REPO / "dvc.yaml"
+                used.add(node.right.value.split("/")[0])
+    needed = used & (packages | {p.name for p in root.iterdir() if p.is_file()}) - {"tests"}
+    assert {"pipeline", "params.yaml", "dvc.yaml"} <= needed and needed <= copied, sorted(needed - copied)

@@ -102,6 +102,7 @@ def test_the_registry_module_imports_no_torch():
     tree = ast.parse(inspect.getsource(registry))
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported = {name for name in imported if not name.startswith("mutmut.")}   # make mutate's trampoline
     assert imported == {"__future__", "dataclasses"}
 
 
