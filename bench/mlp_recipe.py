@@ -2,10 +2,11 @@
 recipe run unchanged on generated series (issue 22).
 
     python -m bench.mlp_recipe tune                 # validation MSE of each candidate (ETTh1, first seed)
+    python -m bench.mlp_recipe probe                # variations of the adopted recipe (3 seeds), validation only
     python -m bench.mlp_recipe evaluate --seeds 5   # test MSE/MAE per series: baselines, MLP before / after
 
 The "after" recipe is params.yaml's mlp.defaults as it is now; "before" is the recipe this issue
-replaced (BEFORE below). The test split is read only by `evaluate`, never by `tune`.
+replaced (BEFORE below). The test split is read only by `evaluate`, never by `tune` or `probe`.
 Series: ETTh1 (the real file, $DATA_MIRROR or /work/shared/data), a Gaussian random walk, and a
 trend plus daily seasonality plus noise (3 channels, 6000 hourly steps, fixed seeds; the 70/10/20
 split of a custom CSV).
@@ -24,7 +25,7 @@ import pandas as pd
 
 from pipeline import params as P
 from pipeline.data import ett
-from pipeline.train.forecaster import ForecastData, baselines, fit, fit_auto, scores
+from pipeline.train.forecaster import ForecastData, baselines, fit, fit_auto, fit_base, scores
 from pipeline.models.mlp_forecaster import predict
 
 # The defaults before issue 22: lr halved every epoch, 10 epochs, window_norm auto, no residual.
@@ -44,6 +45,20 @@ CANDIDATES = {
     "residual ridge, none, cosine, lr 0.4": dict(window_norm="none", residual="linear", lr_schedule="cosine", lr=0.4),
     "residual ridge, none, lr 0.4, weight decay 0.01": dict(window_norm="none", residual="linear", lr=0.4,
                                                             weight_decay=0.01),
+}
+
+
+# Variations of the adopted recipe (window_norm fixed at none, which auto chooses on ETTh1): does any
+# change beat it on validation, averaged over 3 seeds? (`probe`; the ETTh1 target of issue 22.)
+VARIATIONS = {
+    "adopted": {},
+    "weight decay 0.01": dict(weight_decay=0.01),
+    "weight decay 0.03": dict(weight_decay=0.03),
+    "hidden 128": dict(hidden=128),
+    "lr 1.0": dict(lr=1.0),
+    "lr 4.0": dict(lr=4.0),
+    "10 epochs": dict(epochs=10),
+    "batch 128": dict(batch_size=128),
 }
 
 
@@ -95,6 +110,42 @@ def tune(defaults, seed: int, only: list[str]) -> None:
               f"| {time.process_time() - start:.0f} |", flush=True)
 
 
+def probe(defaults, seeds: list[int]) -> None:
+    """Validation only: each variation over `seeds`; whether the adopted MLP's gain over its ridge base
+    holds on both halves of the validation windows (is early stopping's pick optimistic?); and a
+    channel-mixing ridge base (every channel's window -> every channel's horizon) against the
+    per-channel one."""
+    cfg = replace(defaults, window_norm="none")
+    data = load("ETTh1", cfg)
+    data.x_test = data.y_test = None
+    print("| variation | validation MSE per seed | mean | best epochs | CPU s |")
+    adopted = None
+    for name, change in VARIATIONS.items():
+        start = time.process_time()
+        results = [fit(data, replace(cfg, **change), seed, label=f"probe {name}") for seed in seeds]
+        adopted = adopted or results
+        losses = [r.best_val_loss for r in results]
+        print(f"| {name} | {' '.join(f'{v:.4f}' for v in losses)} | {np.mean(losses):.4f} "
+              f"| {[r.best_epoch for r in results]} | {time.process_time() - start:.0f} |", flush=True)
+    channels, n = data.n_channels, len(data.x_val) // data.n_channels
+    for seed, result in zip(seeds, adopted):
+        base = {**result.params, **{k: np.zeros_like(result.params[k]) for k in ("s_w2", "t_w2", "s_b2", "t_b2")}}
+        for half, (a, b) in (("first", (0, n // 2)), ("second", (n // 2, n))):
+            x, y = data.x_val[a * channels:b * channels], data.y_val[a * channels:b * channels]
+            print(f"seed {seed} (best epoch {result.best_epoch}), {half} half of validation: "
+                  f"MLP {scores(predict(result.params, x, cfg.kernel, 'none'), y)['mse']:.4f}, "
+                  f"its ridge base {scores(predict(base, x, cfg.kernel, 'none'), y)['mse']:.4f}")
+    by_window = lambda x: np.hstack([x.reshape(len(x) // channels, -1), np.ones((len(x) // channels, 1))])
+    x_tr, y_tr = by_window(data.x_train.astype(np.float64)), data.y_train.reshape(len(data.x_train) // channels, -1)
+    x_va, y_va = by_window(data.x_val.astype(np.float64)), data.y_val.reshape(n, -1)
+    gram, cross = x_tr.T @ x_tr, x_tr.T @ y_tr
+    mixing = {r: float(np.mean((x_va @ np.linalg.solve(gram + r * np.eye(len(gram)), cross) - y_va) ** 2))
+              for r in (1.0, 100.0, 1e3, 1e4, 1e5)}
+    per_channel = fit_base(data, "none", cfg.ridge)
+    print("channel-mixing ridge base, validation MSE:", ", ".join(f"ridge {r:g} {v:.4f}" for r, v in mixing.items()),
+          f"| per-channel base: ridge {per_channel.ridge:g} {per_channel.val_loss[per_channel.ridge]:.4f}")
+
+
 def evaluate(defaults, seeds: list[int], names: list[str]) -> None:
     print("| series | repeat-last | window mean | linear | MLP before | MLP after | CPU s before / after |")
     for name in names:
@@ -118,7 +169,7 @@ def evaluate(defaults, seeds: list[int], names: list[str]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["tune", "evaluate"])
+    parser.add_argument("what", choices=["tune", "probe", "evaluate"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--candidates", nargs="*", default=[], help="tune: only these (default: all)")
     parser.add_argument("--series", nargs="*", default=["ETTh1", "random_walk", "trend_season"])
@@ -127,6 +178,8 @@ def main(argv=None) -> int:
     defaults = params.mlp.defaults
     if args.what == "tune":
         tune(defaults, params.base.seed, args.candidates)
+    elif args.what == "probe":
+        probe(defaults, [params.base.seed + i for i in range(3)])
     else:
         evaluate(defaults, [params.base.seed + i for i in range(args.seeds)], args.series)
     return 0

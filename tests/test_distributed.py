@@ -74,12 +74,14 @@ def test_a_single_machine_run_listens_on_the_loopback_only(tmp_path, monkeypatch
                                         OMP_NUM_THREADS=1),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: len(list(tmp_path.glob("rank*"))) == 2, 300, "both ranks up", process=launcher, every=0.2)
+        rank_files = [tmp_path / f"rank{r}" for r in range(2)]   # (not ranks_up.py: no glob)
+        wait_for(lambda: all(f.exists() and f.read_text() for f in rank_files), 300, "both ranks up",
+                 process=launcher, every=0.2)
         tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
         listening = [c.laddr for p in tree for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
         assert listening, "the rendezvous store should be listening"
         assert {address.ip for address in listening} == {"127.0.0.1"}, listening
-        assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["3.0", "3.0"]   # 1 + 2 over both ranks
+        assert [f.read_text() for f in rank_files] == ["3.0", "3.0"]   # 1 + 2 over both ranks
     finally:
         (tmp_path / "go").touch()
         output = launcher.communicate(timeout=120)[0]
