@@ -114,17 +114,20 @@ def launch_local(devices: int, module: str, argv: list[str]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
-    while any(rank.poll() is None for rank in ranks):
-        if any(rank.returncode not in (None, 0) for rank in ranks):   # one failed: the others would hang
-            for rank in ranks:
-                if rank.poll() is None:
+    first_failure = None   # the code of the rank that failed first (the others are ended because of it)
+    while None in (codes := [rank.poll() for rank in ranks]):   # every rank polled, not the first running one
+        failed = [code for code in codes if code not in (None, 0)]
+        if failed:   # one failed: the others would hang
+            first_failure = failed[0] if first_failure is None else first_failure
+            for rank, code in zip(ranks, codes):
+                if code is None:
                     rank.terminate()
         time.sleep(0.2)
     del store
     if stop:
         return 128 + stop[0]
-    failed = [rank.returncode for rank in ranks if rank.returncode != 0]
-    return (failed[0] if failed[0] > 0 else 128 - failed[0]) if failed else 0   # killed by a signal: 128+N
+    code = first_failure if first_failure is not None else next((c for c in codes if c != 0), 0)
+    return code if code >= 0 else 128 - code   # killed by a signal: 128+N
 
 
 def init() -> tuple[World, torch.device | None]:
