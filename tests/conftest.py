@@ -124,13 +124,13 @@ def wait_for(ready, timeout: float, what: str, process: subprocess.Popen | None 
         if value:
             return value
         if process is not None and process.poll() is not None:
-            pytest.fail(f"{what}: the process exited with {process.returncode} first\n{_said(process, detail)}")
+            pytest.fail(f"{what}: the process exited with {process.returncode} first\n{_exited_output(process, detail)}")
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: still not so after {timeout:.0f} s\n{detail() if detail else ''}")
         time.sleep(every)
 
 
-def _said(process: subprocess.Popen, detail) -> str:
+def _exited_output(process: subprocess.Popen, detail) -> str:
     if detail:
         return detail()
     output = [t.decode(errors="replace") if isinstance(t, bytes) else t for t in process.communicate(timeout=60)]
