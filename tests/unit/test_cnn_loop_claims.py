@@ -347,6 +347,15 @@ def test_to_device_holds_every_split_with_the_tasks_targets(task, keep_on_host):
         assert not split.images.is_pinned()
 
 
+@pytest.mark.parametrize("keep_on_host", [False, True])
+def test_to_device_moves_the_images_unless_kept_on_host_and_the_targets_always(keep_on_host):
+    # the meta device stands in for a GPU: a tensor moved there shows it, one left behind stays on the CPU
+    meta = torch.device("meta")
+    for split in cnn_loop.to_device(_image_set(), meta, keep_on_host=keep_on_host).values():
+        assert split.images.device == (CPU if keep_on_host else meta)
+        assert split.labels.device == meta and split.device == meta and split.on_host is keep_on_host
+
+
 def test_a_split_computes_where_its_images_are_unless_told():
     images = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
     assert DeviceSplit(images, torch.zeros(2), np.zeros(2)).device == CPU

@@ -83,6 +83,7 @@ def test_in_a_slurm_job_of_several_tasks_each_task_is_one_torchrun_node(monkeypa
 
     def scontrol(cmd, **kw):
         calls.append(cmd)
+        assert kw == {"capture_output": True, "text": True, "check": True}   # its output read as text; fails loudly
         return subprocess.CompletedProcess(cmd, 0, stdout="gpu07\ngpu08\n")
 
     monkeypatch.setattr(subprocess, "run", scontrol)
@@ -91,12 +92,14 @@ def test_in_a_slurm_job_of_several_tasks_each_task_is_one_torchrun_node(monkeypa
     assert calls == [["scontrol", "show", "hostnames", "gpu[07-08]"]]
     endpoint = next(a for a in command if a.startswith("--rdzv-endpoint="))
     host, port = endpoint.split("=")[1].split(":")
-    assert host == "gpu07" and 0 < int(port) < 65536
+    assert host == "gpu07" and 1024 <= int(port) < 65536   # a free port the kernel gave, not a fixed one
     assert command == ["/usr/bin/srun", "--ntasks=2", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run",
                        "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", endpoint, "--rdzv-id=4242",
                        "-m", "stages.cnn", "resnet18"]
     with pytest.raises(distributed.StageError, match="multiple of 2"):
         distributed.torchrun_command(3, "stages.cnn", ["resnet18"])
+    monkeypatch.delenv("SLURM_JOB_ID")   # outside a job id (srun by hand): a fixed rendezvous id
+    assert "--rdzv-id=pipeline" in distributed.torchrun_command(2, "stages.cnn", [])
 
 
 def test_init_outside_torchrun_is_one_process_without_a_group(monkeypatch):

@@ -465,6 +465,26 @@ def test_fit_base_fits_each_channel_in_the_normalised_space_and_chooses_on_valid
     assert base.val_loss[float("inf")] == pytest.approx(repeat_last) and base.val_loss[base.ridge] <= repeat_last
 
 
+def test_fit_base_keeps_the_strength_validation_prefers_even_when_it_is_the_strongest():
+    # horizons that the windows do not predict: least squares fits train noise, the zero map (inf,
+    # the train mean under none) is best on validation, and the base must pick it over ridge 0
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(24, L)), rng.normal(size=(24, P))
+    data = ForecastData(x, y, rng.normal(size=(200, L)), rng.normal(size=(200, P)), x, y, n_channels=2)
+    base = forecaster.fit_base(data, "none", [0.0, 0.1])
+    assert base.ridge == float("inf") and base.val_loss[float("inf")] < base.val_loss[0.0]
+    assert np.array_equal(base.weights, np.zeros((2, L + 1, P)))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_linear_forecast_has_the_windows_dtype(per_channel):
+    x = np.random.default_rng(4).normal(size=(4, L)).astype(np.float32)
+    weights = np.ones((2, L + 1, P)) if per_channel else np.ones((L + 1, P))   # float64 weights
+    out = model.linear_forecast(weights, x)
+    assert out.dtype == np.float32 and out.shape == (4, P)
+    assert np.allclose(out, x.astype(np.float64).sum(1, keepdims=True) + 1)
+
+
 def test_the_residual_fit_starts_from_the_base_forecast_with_zero_mlp_output(monkeypatch):
     data = _data(n_windows=40, channels=2, val_is_train=False)
     cfg = _cfg(residual="linear", window_norm="mean", ridge=[0.0, 1.0], lr=1e-12, epochs=2)

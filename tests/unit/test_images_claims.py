@@ -6,6 +6,7 @@ and refuses each kind of bad file with the reason. Tiny arrays in tmp_path only.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -512,6 +513,12 @@ def test_images_below_the_minimum_size_name_it_and_the_models_needs(tmp_path):
                                         r"needs 32 unless cnn.defaults.upsample_to"):
         copy_user_file(data, tmp_path / "out.npz")
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_images_of_exactly_the_minimum_size_are_taken():
+    images.check_size(Path("mine.npz"), images.MIN_SIZE)   # the floor itself is allowed
+    with pytest.raises(DataError, match=f"the minimum is {images.MIN_SIZE} px"):
+        images.check_size(Path("mine.npz"), images.MIN_SIZE - 1)
 
 
 def test_a_label_beyond_any_sensible_class_count_is_refused(tmp_path):
