@@ -27,7 +27,7 @@ browser:
 test: setup browser postgres slurm
 	"$(BIN)/python" -m pytest
 
-# The inner loop: the in-process unit tests (no DVC subprocess, no services, no apt); what make mutate runs.
+# The inner loop: the unit tests (no DVC subprocess, no services, no apt); what make mutate runs.
 test-fast: setup
 	"$(BIN)/python" -m pytest tests/unit -q
 
