@@ -3,7 +3,8 @@
 `dvc exp show` right after `dvc queue start` can fail ("directory '.dvc/tmp/exps/tmpXXXX/.dvc'
 does not exist") while a worker sets up its copy. This polls `dvc queue status` until nothing
 is Queued or Running and every temporary copy is gone. Exit 0: all done and none failed;
-1: some failed (names them, with the command that shows their logs); 2: the deadline passed.
+1: some failed (names them, with the command that shows their logs, and says when DVC's
+run-cache race failed them); 2: the deadline passed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+# DVC 3.67's StageCache._load lists a run-cache entry's directory and joins its newest file name;
+# while another worker is saving that entry (or after one was killed doing so) the directory is
+# empty and the stage fails with this, before its command runs.
+RUN_CACHE_RACE = "join() argument must be str, bytes, or os.PathLike object, not 'NoneType'"
 STATUS = re.compile(r"^(?P<task>\S+)\s+(?P<name>\S+)\s+.*?\s(?P<status>Queued|Running|Success|Failed)\s*$", re.M)
 
 
@@ -28,6 +33,11 @@ def queue_status(repo: Path) -> list[dict]:
     if out.returncode != 0:
         raise RuntimeError(f"`dvc queue status` failed: {out.stderr.strip() or out.stdout.strip()}")
     return [m.groupdict() for m in STATUS.finditer(out.stdout)]
+
+
+def queue_logs(repo: Path, name: str) -> str:
+    out = subprocess.run([*_dvc(), "queue", "logs", name], cwd=repo, capture_output=True, text=True, timeout=300)
+    return out.stdout + out.stderr
 
 
 def wait(repo: Path, timeout: float, poll: float = 3.0) -> list[dict]:
@@ -63,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"error: {len(failed)} queued experiment(s) failed: {', '.join(failed)}; see "
               f"`dvc queue logs {failed[0]}`", file=sys.stderr)
+        raced = [name for name in failed if RUN_CACHE_RACE in queue_logs(args.repo, name)]
+        if raced:
+            print(f"{', '.join(raced)} failed in DVC's run-cache, not in a stage: two workers started the same "
+                  "stage at once (or a killed worker left an empty entry). Remove empty entries with `find "
+                  ".dvc/cache/runs -type d -empty -delete`, then queue those experiments again; on a fresh clone, "
+                  "`dvc repro download_ett download_images` before `dvc queue start -j N` avoids it.",
+                  file=sys.stderr)
         return 1
     print(f"queue done: {sum(e['status'] == 'Success' for e in entries)} succeeded")
     return 0

@@ -100,12 +100,10 @@ def cluster_start(root: Path = CLUSTER_DIR) -> dict:
         subprocess.run(["/usr/sbin/munged", f"--key-file={key}", f"--socket={root}/munge/munge.socket",
                         f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/munge/munged.log",
                         f"--seed-file={root}/munge/munged.seed", "--force"], check=True, capture_output=True)
-        state["pids"]["munged"] = int((root / "munge/munged.pid").read_text())
+        state["pids"]["munged"] = _written_pid(root / "munge/munged.pid", root / "munge/munged.log")
         for daemon in ("slurmctld", "slurmd"):
             subprocess.run([f"/usr/sbin/{daemon}", "-f", str(conf)], check=True, capture_output=True, env=env)
-            pid_file = root / f"{daemon}.pid"
-            wait_until(pid_file.exists, daemon, root / f"{daemon}.log", timeout=60)
-            state["pids"][daemon] = int(pid_file.read_text())
+            state["pids"][daemon] = _written_pid(root / f"{daemon}.pid", root / f"{daemon}.log")
         (root / "cluster.json").write_text(json.dumps(state))
 
         def idle() -> bool:
@@ -117,6 +115,12 @@ def cluster_start(root: Path = CLUSTER_DIR) -> dict:
         cluster_stop(root)
         raise
     return state
+
+
+def _written_pid(pid_file: Path, log: Path) -> int:
+    """A forked daemon creates its pid file before it writes the number: wait for the number."""
+    wait_until(lambda: pid_file.read_text().strip().isdigit(), pid_file.stem, log, timeout=60)
+    return int(pid_file.read_text())
 
 
 def cluster_stop(root: Path = CLUSTER_DIR) -> bool:

@@ -23,6 +23,10 @@ def queued_repo(tmp_path_factory):
     params = small_params()
     params["backprop"].update(check_window=4)
     repo = make_repo_copy(tmp_path_factory.mktemp("queue"), params)
+    # The data stage every experiment shares, once: four workers starting it at once can hit DVC's
+    # own run-cache race (tests/test_queue_wait.py). It writes nothing to MLflow.
+    dvc(repo, "repro", "download_ett")
+    assert not (repo / "mlflow.db").exists()
     for name, (epochs, lr) in QUEUED.items():
         dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"backprop.epochs={epochs}", "-S", f"backprop.lr={lr}",
             "backprop")

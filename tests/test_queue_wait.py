@@ -1,6 +1,9 @@
 """`python -m pipeline.queue wait`: wait for DVC's queue before `dvc exp show` (issue 17.6)."""
 
+import subprocess
 import sys
+
+from pipeline.queue import queue_status
 
 from conftest import REPO, dvc, run, tiny_dvc_repo
 
@@ -33,3 +36,27 @@ def test_wait_reports_each_outcome_and_exp_show_then_works(tmp_path):
     assert not list((repo / ".dvc/tmp/exps").glob("tmp*"))
     shown = dvc(repo, "exp", "show", "--json").stdout
     assert '"good"' in shown, shown[:2000]
+
+
+def test_a_run_cache_entry_left_empty_fails_the_stage_and_wait_names_dvcs_race_and_the_way_out(tmp_path):
+    """What two workers starting the same stage at once hit in DVC 3.67 (CI, 2026-12-02): the
+    entry's directory exists, its file not yet. Made here deterministically, as a killed worker
+    leaves it; if a DVC upgrade fixes `StageCache._load`, this test says so."""
+    repo = _repo(tmp_path)
+    dvc(repo, "repro")
+    (entry,) = [d for d in (repo / ".dvc/cache/runs").glob("*/*") if d.is_dir()]
+    for saved in entry.iterdir():
+        saved.unlink()
+    (repo / "dvc.lock").unlink()   # the stage is new again: DVC looks it up in the run-cache
+    dvc(repo, "exp", "run", "--queue", "-n", "raced", "-S", "x=1")
+    dvc(repo, "queue", "start")
+    done = _wait(repo, "--timeout", "1200")
+    assert done.returncode == 1 and "failed: raced" in done.stderr, done.stdout + done.stderr
+    assert "raced failed in DVC's run-cache" in done.stderr and "-type d -empty -delete" in done.stderr, done.stderr
+
+    subprocess.run(["find", ".dvc/cache/runs", "-type", "d", "-empty", "-delete"], cwd=repo, check=True)
+    dvc(repo, "exp", "run", "--queue", "-n", "again", "-S", "x=1")
+    dvc(repo, "queue", "start")
+    _wait(repo, "--timeout", "1200")   # exits 1 again: the queue still lists raced as failed
+    outcomes = {e["name"]: e["status"] for e in queue_status(repo)}
+    assert outcomes == {"raced": "Failed", "again": "Success"}, outcomes
