@@ -126,8 +126,8 @@ def _grayscale_stem(model: nn.Module, name: str, pretrained: bool) -> None:
     """Make the first convolution take 1 channel. With ImageNet weights its kernel is the sum of the
     pretrained RGB kernels over the colour axis (the standard adaptation, as timm's `adapt_input_conv`
     does): a grey image x, seen as RGB (x, x, x), gives exactly the response it gave before, so the
-    pretrained features carry over. From scratch it is initialised as torchvision initialises every
-    convolution of these models (Kaiming normal, fan-out)."""
+    pretrained features carry over (a stem's bias is kept). From scratch it is initialised as
+    torchvision initialises every convolution of these models (Kaiming normal, fan-out; a bias at 0)."""
     path = spec(name).first_conv
     old = model.get_submodule(path)
     if not isinstance(old, nn.Conv2d):
@@ -137,8 +137,12 @@ def _grayscale_stem(model: nn.Module, name: str, pretrained: bool) -> None:
     with torch.no_grad():
         if pretrained:
             new.weight.copy_(old.weight.sum(dim=1, keepdim=True))
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
         else:
             nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+            if new.bias is not None:
+                nn.init.zeros_(new.bias)
     model.set_submodule(path, new)
 
 

@@ -123,7 +123,7 @@ class Report:
                 self.synthetic.add(data_label(data))
         return values, run
 
-    def _require(self, path: Path, values: dict, keys, numbers=False) -> None:
+    def _require(self, path: Path, values: dict, keys, numbers) -> None:
         for key in keys:
             value = values.get(key)
             if value is None:

@@ -65,6 +65,27 @@ def test_feature_maps_shrink_in_space_and_grow_in_channels_stage_by_stage(name):
     assert channels[0] == 64 and channels == sorted(channels)
 
 
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_a_stem_with_a_bias_keeps_it_when_made_grayscale(monkeypatch, pretrained):
+    # SqueezeNet's first convolution has a bias (neither real entry's does); only its stem is used here
+    monkeypatch.setitem(registry.MODELS, "squeezenet", CnnSpec(
+        builder="squeezenet1_1", title="SqueezeNet", head="classifier.1", first_conv="features.0", min_size=32,
+        weights="SqueezeNet1_1_Weights", feature_maps=()))
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_1(weights=None)
+    old = model.features[0]
+    nn.init.normal_(old.bias)                                   # torchvision starts it at 0: make it count
+    cnn._grayscale_stem(model, "squeezenet", pretrained)
+    new = model.features[0]
+    assert new.in_channels == 1 and new.bias is not None
+    grey = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        if pretrained:   # a grey image gives the response its RGB copy gave, bias included
+            torch.testing.assert_close(new(grey), old(grey.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(new.bias, torch.zeros_like(new.bias))
+
+
 def test_resnet18_feature_maps_are_its_stem_and_each_residual_stage():
     torch.manual_seed(0)
     model = cnn.build("resnet18", 4).eval()

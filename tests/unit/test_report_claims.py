@@ -354,6 +354,27 @@ def test_part_2_states_the_naive_baselines_and_each_rows_skill(workspace):
             assert row["skill"] == f"{_read(f'metrics/mlp/{name[4:]}.json')['skill']:.3f}"
 
 
+SKILL_NOTE = ("skill = the model's test MSE / the best naive forecast's (repeat-last or window mean) on the same "
+              "windows: below 1 the model beats both.")
+
+
+def test_the_skill_note_takes_the_baselines_from_the_first_file_that_holds_them_or_states_none(workspace):
+    variants = list(workspace.mlp_variants())
+    baseline_keys = [f"{k}_{m}" for k in ("repeat_last", "window_mean", "linear") for m in ("mse", "mae")]
+    def without_baselines(variant):   # a details file written before the baselines existed
+        details = R.mlp(variant).details
+        details.write_text(json.dumps({k: v for k, v in json.loads(details.read_text()).items()
+                                       if k not in baseline_keys}))
+    for variant in variants[:2]:
+        without_baselines(variant)
+    _write(f"metrics/mlp/{variants[2]}.json", {**_read(f"metrics/mlp/{variants[2]}.json"), "repeat_last_mse": 2.5})
+    text = build.Report(workspace).build("abc1234")
+    assert f"{SKILL_NOTE} Baselines on the test windows (MSE / MAE): repeat-last 2.5000 / 0.7331;" in text
+    for variant in variants:
+        without_baselines(variant)
+    assert _lines_after(build.Report(workspace).build("abc1234"), SKILL_NOTE)[0] == ""   # the sentence alone
+
+
 def test_an_mlp_row_is_exactly_the_files_numbers_the_variants_settings_and_its_run_link(workspace):
     _write("metrics/mlp/h1024.run.json", {"data_source": "ETTh1 (real)", "run_id": "0123456789abcdef" * 2,
                                           "ui_path": "#/experiments/3/runs/0123456789abcdef0123456789abcdef",
@@ -501,6 +522,13 @@ def test_part_3_note_names_the_set_its_task_and_the_references(workspace):
     assert _lines_after(text, "## Part 3: CNNs on PneumoniaMNIST (28 px)")[1] == (
         "Test AUC and ACC on PneumoniaMNIST at 28 px, as MedMNIST's evaluator scores a binary-class set. "
         "No reference values exist for PneumoniaMNIST: our numbers alone.")
+
+
+def test_runs_at_another_size_lend_the_set_neither_their_title_nor_their_task(workspace):
+    _ran_on(workspace, "PneumoniaMNIST 28px (medmnist)")
+    text = build.Report(_with(workspace, images={"name": "pneumoniamnist", "size": 64})).build("abc1234")
+    assert _lines_after(text, "## Part 3: CNNs on pneumoniamnist (64 px)")[1].startswith(
+        "Test AUC and ACC on pneumoniamnist at 64 px, as MedMNIST's evaluator scores a classification set. ")
 
 
 def test_per_label_details_make_a_set_multi_label_even_when_params_say_otherwise(workspace):

@@ -40,6 +40,8 @@ def test_spread_is_mean_plus_minus_std_in_two_significant_digits_or_the_mean_alo
 def test_fmt_gives_a_small_number_significant_digits_not_zeros():
     assert build._fmt(0.00032) == "0.00032" and build._fmt(-0.0000123) == "-1.2e-05"
     assert build._fmt(0.01) == "0.0100" and build._fmt(0.0) == "0.0000"
+    assert build._fmt(0.009) == "0.009"                          # below 10^-(digits-2): significant digits
+    assert build._fmt(0.000123456, 5) == "0.000123"              # digits - 2 of them
 
 
 def test_read_csv_turns_empty_and_short_cells_into_nan(tmp_path):
@@ -48,6 +50,7 @@ def test_read_csv_turns_empty_and_short_cells_into_nan(tmp_path):
     data = build._read_csv(path)
     assert list(data) == ["step", "loss", "val"]
     np.testing.assert_array_equal(data["step"], [1.0, 2.0, 3.0])
+    assert data["step"].dtype == np.float64                      # an all-integer column too
     np.testing.assert_array_equal(data["loss"], [0.5, np.nan, 0.25])
     np.testing.assert_array_equal(data["val"], [np.nan, 3.0, np.nan])
     path.write_text("epoch,train_loss\n1,0.5\n")                        # a one-epoch curve
@@ -71,6 +74,8 @@ def test_data_label_spells_a_runs_data_from_its_fields():
     assert build.data_label({"name": "chestmnist", "title": "ChestMNIST", "source": "synthetic", "size": 28}) == \
         "ChestMNIST 28px (synthetic)"
     assert build.data_label({}) == ""
+    assert build.data_label({"name": "my_series", "source": "file"}) == "my_series (file)"   # no title: the name
+    assert build.data_label({"size": 28}) == "? 28px (?)"       # what a field-less record still says
 
 
 def test_ui_address_is_an_http_tracking_server_else_mlflow_uis_default_and_never_a_login(monkeypatch):
