@@ -8,6 +8,7 @@ by the number of training steps taken (a buffer, so it travels with the state di
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -980,3 +981,47 @@ def test_a_batch_that_cannot_fit_the_memory_is_refused_before_the_first_step_unl
     with pytest.raises(StageError, match="needs about"):
         _train(_cfg(), model=scripted)
     assert scripted.train_inputs == []
+
+
+# -- resuming and guarding -------------------------------------------------------------------------
+
+def test_config_diff_names_every_differing_key_also_one_only_one_side_has():
+    assert cnn_loop.config_diff({"lr": 0.1, "seed": 1, "old": None}, {"lr": 0.2, "seed": 1, "new": 3}) == [
+        "lr: 0.1 -> 0.2", "new: '(absent)' -> 3", "old: None -> '(absent)'"]
+    assert cnn_loop.config_diff({"a": 1}, {"a": 1}) == []
+
+
+def test_prune_checkpoints_removes_this_runs_leftovers_and_files_older_than_the_limit_only(tmp_path):
+    now, limit = 1_000_000_000.0, cnn_loop.PRUNE_AFTER_DAYS * 86400
+    keep = tmp_path / "run.pt"
+    ages = {"run.pt": limit * 3, "tmp.run.pt.123": 0, "other.pt": limit + 1, "at_limit.pt": limit, "new.pt": 0}
+    for name, age in ages.items():
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    removed = cnn_loop.prune_checkpoints(tmp_path, keep, now=now)
+    assert sorted(p.name for p in removed) == ["other.pt", "tmp.run.pt.123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["at_limit.pt", "new.pt", "run.pt"]
+    assert cnn_loop.prune_checkpoints(tmp_path / "none", keep) == []
+
+
+def test_resume_mismatch_names_the_newest_checkpoint_and_what_differs(tmp_path):
+    assert cnn_loop.resume_mismatch_message(tmp_path / "none", {}) == \
+        f"no checkpoint in {tmp_path / 'none'} to resume; starting afresh"
+    for i, (name, lr) in enumerate([("a.pt", 0.1), ("b.pt", 0.3), ("tmp.c.pt", 0.9)]):
+        torch.save({"config": {"lr": lr, "seed": 1}}, tmp_path / name)
+        os.utime(tmp_path / name, (1e9 + i, 1e9 + i))
+    os.utime(tmp_path / "a.pt", (2e9, 2e9))   # the newest by time, not by name
+    message = cnn_loop.resume_mismatch_message(tmp_path, {"lr": 0.2, "seed": 2})
+    assert message == (f"no checkpoint for this configuration and code; the newest one, {tmp_path / 'a.pt'}, was made "
+                       "with other settings; starting afresh. What differs (checkpoint -> now):\n  lr: 0.1 -> 0.2\n"
+                       "  seed: 1 -> 2")
+
+
+def test_a_projection_beyond_the_limit_is_refused_unless_forced(monkeypatch):
+    limit = cnn_loop.MAX_PROJECTED_DAYS * 86400
+    monkeypatch.delenv("PIPELINE_FORCE", raising=False)
+    cnn_loop.refuse_absurd("fine", limit)                      # at the limit: runs
+    with pytest.raises(StageError, match=r"^too long\nrefused: over 14 days\. .*PIPELINE_FORCE=1"):
+        cnn_loop.refuse_absurd("too long", limit + 1)
+    monkeypatch.setenv("PIPELINE_FORCE", "1")
+    cnn_loop.refuse_absurd("forced", limit * 10)

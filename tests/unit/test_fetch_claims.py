@@ -370,3 +370,16 @@ def test_a_relative_mirror_is_read_from_the_users_repository_also_in_a_queued_ru
     assert mirror_dir("my_data") == tmp_path / "repo" / "my_data"
     monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "plain")
     assert mirror_dir("my_data") == tmp_path / "plain" / "my_data"
+
+
+@pytest.mark.parametrize("error, problem", [(OSError("Network is unreachable"), "Network is unreachable"),
+                                            (ConnectionResetError(), "ConnectionResetError")])
+def test_a_failed_download_is_named_by_its_message_or_else_its_type(tmp_path, monkeypatch, error, problem):
+    def urlopen(url, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(DataError) as caught:
+        fetch(tmp_path / "out" / "f.csv", "http://example.invalid/f.csv", "", "sha256", None, "set DATA_MIRROR")
+    assert str(caught.value) == ("could not get f.csv. Tried:\n  - download http://example.invalid/f.csv: "
+                                 f"{problem}\nWays out: set DATA_MIRROR")
