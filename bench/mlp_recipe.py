@@ -3,10 +3,12 @@ recipe run unchanged on generated series (issue 22).
 
     python -m bench.mlp_recipe tune                 # validation MSE of each candidate (ETTh1, first seed)
     python -m bench.mlp_recipe probe                # variations of the adopted recipe (3 seeds), validation only
+    python -m bench.mlp_recipe crosscheck           # per seed: the cross-check's numbers, validation only
     python -m bench.mlp_recipe evaluate --seeds 5   # test MSE/MAE per series: baselines, MLP before / after
 
 The "after" recipe is params.yaml's mlp.defaults as it is now; "before" is the recipe this issue
-replaced (BEFORE below). The test split is read only by `evaluate`, never by `tune` or `probe`.
+replaced (BEFORE below). The test split is read only by `evaluate`, never by `tune`, `probe` or
+`crosscheck`.
 Series: ETTh1 (the real file, $DATA_MIRROR or /work/shared/data), a Gaussian random walk, and a
 trend plus daily seasonality plus noise (3 channels, 6000 hourly steps, fixed seeds; the 70/10/20
 split of a custom CSV).
@@ -25,12 +27,13 @@ import pandas as pd
 
 from pipeline import params as P
 from pipeline.data import ett
-from pipeline.train.forecaster import ForecastData, baselines, fit, fit_auto, fit_base, scores
+from pipeline.train.forecaster import (ForecastData, back_to_start, baselines, cross_check, cross_fitted_loss, fit,
+                                       fit_base, fit_seeds, scores)
 from pipeline.models.mlp_forecaster import predict
 
 # The defaults before issue 22: lr halved every epoch, 10 epochs, window_norm auto, no residual.
 BEFORE = dict(lr=2.0, weight_decay=0.001, epochs=10, patience=3, lr_schedule="step", lr_decay=0.5,
-              window_norm="auto", residual="none")
+              window_norm="auto", residual="none", cross_check=False)
 # Candidates tried on ETTh1's validation split (first seed); each changes the "before" recipe.
 # "residual ridge" is the recipe adopted (params.yaml's mlp.defaults): per-channel ridge base in the
 # normalised window, ridge chosen on validation, the MLPs trained on what it misses.
@@ -87,10 +90,9 @@ def load(name: str, cfg) -> ForecastData:
 
 
 def train(data: ForecastData, cfg, seeds: list[int]) -> list:
-    """As the stage does: auto chooses the normalisation on the first seed, the others train it."""
-    chosen, candidates = fit_auto(data, cfg, seeds[0], label="bench")
-    chosen_cfg = replace(cfg, window_norm=chosen)
-    return [chosen_cfg, candidates[chosen], *(fit(data, chosen_cfg, s, label=f"bench seed {s}") for s in seeds[1:])]
+    """As the stage does (fit_seeds): [the config with the chosen normalisation, each seed's fit]."""
+    fitted = fit_seeds(data, cfg, seeds, label="bench")
+    return [replace(cfg, window_norm=fitted.window_norm), *fitted.results.values()]
 
 
 def tune(defaults, seed: int, only: list[str]) -> None:
@@ -146,30 +148,63 @@ def probe(defaults, seeds: list[int]) -> None:
           f"| per-channel base: ridge {per_channel.ridge:g} {per_channel.val_loss[per_channel.ridge]:.4f}")
 
 
+def crosscheck(defaults, seeds: list[int], names: list[str]) -> None:
+    """Validation only: the cross-check's numbers per seed (early stopping's pick on each half of the
+    validation windows, scored on the other half) against the base scored the same way."""
+    for name in names:
+        data = load(name, defaults)
+        data.x_test = data.y_test = None
+        fitted = fit_seeds(data, replace(defaults, cross_check=False), seeds, label="bench")
+        print(f"{name}: window_norm {fitted.window_norm}; per seed: full-validation pick, cross-fitted loss "
+              f"of the trained MLPs / of the base", flush=True)
+        for seed, result in fitted.results.items():
+            print(f"  seed {seed}: best epoch {result.best_epoch} (validation {result.best_val_loss:.4f}, base "
+                  f"{result.start_losses['valid_loss']:.4f}), cross-fitted {cross_fitted_loss(result, defaults.patience):.5g}"
+                  f" / {cross_fitted_loss(result, defaults.patience, trained=False):.5g}", flush=True)
+        check = cross_check(list(fitted.results.values()), defaults.patience)
+        print(f"  mean: trained {check.trained:.5g}, base {check.base:.5g}: keeps the "
+              f"{'trained MLPs' if check.keeps_trained else 'base'}", flush=True)
+
+
+def _test_cell(cfg, results, data) -> str:
+    test = [scores(predict(r.params, data.x_test, cfg.kernel, cfg.window_norm), data.y_test) for r in results]
+    mse, mae = np.array([t["mse"] for t in test]), np.array([t["mae"] for t in test])
+    ddof = min(1, len(results) - 1)
+    return f"{mse.mean():.4f} ± {mse.std(ddof=ddof):.4f} / {mae.mean():.4f} ± {mae.std(ddof=ddof):.4f}"
+
+
 def evaluate(defaults, seeds: list[int], names: list[str]) -> None:
-    print("| series | repeat-last | window mean | linear | MLP before | MLP after | CPU s before / after |")
+    """Test MSE/MAE: the baselines, the recipe before issue 22, the adopted recipe without its
+    cross-check (the same fits) and with it (params.yaml's mlp.defaults)."""
+    print("| series | repeat-last | window mean | linear | MLP before | MLP, no cross-check | MLP after "
+          "| CPU s before / after |")
     for name in names:
         data = load(name, defaults)
         cells = [f"{v['mse']:.4f} / {v['mae']:.4f}" for v in baselines(data)["test"].values()]
-        trained, cpu = {}, []
-        for recipe in (replace(defaults, **BEFORE), defaults):
-            key = repr(recipe)   # the same recipe twice (no change adopted): trained once
-            start = time.process_time()
-            trained[key] = trained.get(key) or train(data, recipe, seeds)
-            cpu.append(f"{time.process_time() - start:.0f}")
-            cfg, *results = trained[key]
-            test = [scores(predict(r.params, data.x_test, cfg.kernel, cfg.window_norm), data.y_test) for r in results]
-            mse, mae = np.array([t["mse"] for t in test]), np.array([t["mae"] for t in test])
-            cells.append(f"{mse.mean():.4f} ± {mse.std(ddof=min(1, len(seeds) - 1)):.4f} / {mae.mean():.4f} ± {mae.std(ddof=min(1, len(seeds) - 1)):.4f}")
+        start = time.process_time()
+        before_cfg, *before = train(data, replace(defaults, **BEFORE), seeds)
+        cpu = [f"{time.process_time() - start:.0f}"]
+        start = time.process_time()
+        fitted = fit_seeds(data, replace(defaults, cross_check=False), seeds, label="bench")
+        trained = list(fitted.results.values())
+        check = cross_check(trained, defaults.patience) if defaults.residual == "linear" else None
+        after = trained if not defaults.cross_check or check is None or check.keeps_trained \
+            else [back_to_start(r) for r in trained]
+        cpu.append(f"{time.process_time() - start:.0f}")
+        after_cfg = replace(defaults, window_norm=fitted.window_norm)
+        cells += [_test_cell(before_cfg, before, data), _test_cell(after_cfg, trained, data),
+                  _test_cell(after_cfg, after, data)]
         print(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(cpu)} |", flush=True)
-        print(f"  {name}: after chose window_norm {cfg.window_norm}"
-              + ("" if results[0].base is None else f", ridge {results[0].base.ridge:g}")
-              + f", best epochs {[r.best_epoch for r in results]}", flush=True)
+        print(f"  {name}: after chose window_norm {fitted.window_norm}"
+              + ("" if trained[0].base is None else f", ridge {trained[0].base.ridge:g}")
+              + f", best epochs {[r.best_epoch for r in trained]}"
+              + ("" if check is None else f"; cross-check trained {check.trained:.4f} vs base {check.base:.4f}"),
+              flush=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["tune", "probe", "evaluate"])
+    parser.add_argument("what", choices=["tune", "probe", "crosscheck", "evaluate"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--candidates", nargs="*", default=[], help="tune: only these (default: all)")
     parser.add_argument("--series", nargs="*", default=["ETTh1", "random_walk", "trend_season"])
@@ -180,6 +215,8 @@ def main(argv=None) -> int:
         tune(defaults, params.base.seed, args.candidates)
     elif args.what == "probe":
         probe(defaults, [params.base.seed + i for i in range(3)])
+    elif args.what == "crosscheck":
+        crosscheck(defaults, [params.base.seed + i for i in range(args.seeds)], args.series)
     else:
         evaluate(defaults, [params.base.seed + i for i in range(args.seeds)], args.series)
     return 0

@@ -143,6 +143,9 @@ class Mlp:
     # and inf = the naive forecast), starting from it; none: the MLPs forecast on their own.
     residual: Literal["none", "linear"] = "linear"
     ridge: list[Annotated[Float, Field(ge=0)]] = Field(default_factory=lambda: [0.0, 0.01, 0.1, 1.0, 10.0, 100.0])
+    # residual: linear: the seeds keep the trained MLPs only if, averaged over them, the epoch early
+    # stopping picks on one half of validation beats the base on the other half; else the base.
+    cross_check: bool = True
 
     @field_validator("kernel")
     @classmethod

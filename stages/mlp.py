@@ -5,11 +5,12 @@ channels, standardised units).
 Seeds base.seed, base.seed+1, ... (mlp.seeds of them) each train the variant; the headline
 test_mse/test_mae are their means, with the std and every seed's numbers alongside.
 window_norm: auto trains every normalisation on the first seed and keeps the one with the lowest
-validation loss; the other seeds train that one. Test metrics are computed once per seed, for
-the selected model only, and choose nothing.
+validation loss; the other seeds train that one. With the residual's cross_check, the seeds keep
+their ridge base unless the trained MLPs beat it on validation they were not picked on. Test
+metrics are computed once per seed, for the selected model only, and choose nothing.
 """
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from pipeline.outputs import write_csv, write_npz
 from pipeline.paths import ett_csv
 from pipeline.runtime import run_stage, seed_everything
 from pipeline.tracking import Tracker
-from pipeline.train.forecaster import ForecastData, baselines, fit, fit_auto, scores
+from pipeline.train.forecaster import ForecastData, baselines, fit_seeds, scores
 
 
 def main(argv):
@@ -49,14 +50,12 @@ def main(argv):
         tracker.params({"variant": variant, "dataset": name, "target": target, "seed": seeds[0],
                         "seed_list": seeds, "data_sha256": sha256, "data_pinned": bool(pin), **asdict(cfg)})
         tracker.dataset(name, str(csv.resolve()), sha256, {s: len(windows[s][0]) for s in windows})
-        # The choice of normalisation: first seed, validation loss only.
-        chosen, candidates = fit_auto(data, cfg, seeds[0], label=f"mlp@{variant}")
-        results = {seeds[0]: candidates[chosen]}
-        for seed in seeds[1:]:
-            results[seed] = fit(data, replace(cfg, window_norm=chosen), seed,
-                                label=f"mlp@{variant} [{chosen}, seed {seed}]")
+        # The choice of normalisation (first seed) and of trained MLPs or base: validation loss only.
+        fitted = fit_seeds(data, cfg, seeds, label=f"mlp@{variant}")
+        chosen, candidates, results, check = fitted.window_norm, fitted.candidates, fitted.results, fitted.check
         first = results[seeds[0]]
-        tracker.params({"window_norm_chosen": chosen, **({"ridge_chosen": first.base.ridge} if first.base else {})})
+        tracker.params({"window_norm_chosen": chosen, **({"ridge_chosen": first.base.ridge} if first.base else {}),
+                        **({"cross_check_kept": "trained" if check.keeps_trained else "base"} if check else {})})
         for row in first.history:
             tracker.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
@@ -87,12 +86,16 @@ def main(argv):
                    # residual: linear: the base's ridge strength, chosen on validation ("inf": the naive forecast)
                    **({"ridge": str(first.base.ridge),
                        "ridge_val_loss": {str(k): v for k, v in first.base.val_loss.items()}} if first.base else {}),
+                   # the cross-check: seed means of the picks' losses on the half they were not picked on
+                   **({"cross_check": {"trained": check.trained, "base": check.base,
+                                       "kept": "trained" if check.keeps_trained else "base"}} if check else {}),
                    "per_seed": per_seed,
                    "baselines_val": naive_splits["val"],
                    "dataset": name, "data_sha256": sha256, "data_pinned": bool(pin)}
         trained = [*candidates.values(), *(results[s] for s in seeds[1:])]   # every fit, once
         timing = {"train_seconds": round(sum(r.seconds for r in trained), 2)}
         tracker.metrics({**{k: v for k, v in details.items() if not isinstance(v, (dict, bool, str))},
+                         **({"cross_check_trained": check.trained, "cross_check_base": check.base} if check else {}),
                          **timing, **{f"val_loss_{norm}": v for norm, v in details["window_norm_val_loss"].items()},
                          **{f"test_mse_seed{s}": v["test_mse"] for s, v in per_seed.items()}})
 
@@ -122,6 +125,9 @@ def main(argv):
     R.write_results(out, details, timing, tracker.run_info(), identity)
     choice = ", ".join(f"{n} {v:.4g}" for n, v in details["window_norm_val_loss"].items())
     print(f"mlp@{variant}: window_norm {chosen} (validation loss: {choice})")
+    if check:
+        print(f"mlp@{variant}: cross-checked validation loss, trained MLPs {check.trained:.4f} vs base {check.base:.4f}: "
+              f"every seed keeps the {'trained MLPs' if check.keeps_trained else 'base'}")
     print(f"mlp@{variant}: test MSE {metrics['test_mse']:.4f} ± {metrics['test_mse_std']:.2g} "
           f"MAE {metrics['test_mae']:.4f} ± {metrics['test_mae_std']:.2g} over seeds {seeds} "
           f"({n_test_windows} windows, {timing['train_seconds']:.1f}s)")

@@ -241,6 +241,16 @@ class Report:
                     self.add(f"- mlp@{variant}: **{chosen}** ("
                              + ", ".join(f"{norm} {_fmt(value)}" for norm, value in loss.items()) + ")")
             self.add("")
+        checks = {v: (values or {}).get("cross_check") for v, (values, _) in results.items()}
+        if any(checks.values()):
+            self.add("Trained MLPs or their ridge base, per variant (`cross_check`): early stopping's pick on each "
+                     "half of the validation windows scored on the other half, seed mean; the MLPs are kept only "
+                     "when that beats the base scored the same way:", "")
+            for variant, check in checks.items():
+                if check:
+                    self.add(f"- mlp@{variant}: **{check['kept']}** (trained MLPs {_fmt(check['trained'])}, "
+                             f"base {_fmt(check['base'])})")
+            self.add("")
         if has_refs:
             pub = refs["published"]
             self.add(f"Published results ({pub['source']}): "

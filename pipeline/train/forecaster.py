@@ -1,9 +1,11 @@
 """Training the numpy forecaster: mini-batch SGD (optionally momentum) with weight decay, the
 learning rate multiplied by `lr_decay` after every epoch (or annealed by a cosine), early stopping
 on validation loss with the best-validation weights kept. `residual: linear` starts the MLPs from a
-closed-form per-channel ridge forecast (ridge chosen on validation) and trains only what it misses.
-`window_norm: auto` trains every normalisation and keeps the one with the lowest validation loss;
-the test split is never looked at during training or choosing."""
+closed-form per-channel ridge forecast (ridge chosen on validation) and trains only what it misses;
+with `cross_check`, the trained MLPs replace that base only if early stopping's pick holds up on
+validation windows it did not pick on (`cross_check`). `window_norm: auto` trains every
+normalisation and keeps the one with the lowest validation loss; the test split is never looked at
+during training or choosing."""
 
 from __future__ import annotations
 
@@ -47,6 +49,19 @@ class FitResult:
     best_val_loss: float = float("inf")
     seconds: float = 0.0
     base: "LinearBase | None" = None   # residual: linear: the closed-form forecast the MLPs start from
+    start_params: dict = field(default_factory=dict)   # the weights before the first epoch (the base)
+    start_losses: dict = field(default_factory=dict)   # their valid_loss (and _a, _b), as in a history row
+
+
+def validation_halves(n_windows: int, n_channels: int, gap: int) -> tuple[slice, slice] | None:
+    """Rows of the first and the last block of validation windows, `gap` windows apart (input_len +
+    pred_len: no time step in both) or less when the split is too short to leave one; None below
+    two windows. Row r of a split is channel r % C of window r // C."""
+    gap = max(0, min(gap, n_windows - 2))
+    half = (n_windows - gap) // 2
+    if half < 1:
+        return None
+    return slice(0, half * n_channels), slice((n_windows - half) * n_channels, n_windows * n_channels)
 
 
 def scores(pred: np.ndarray, y: np.ndarray) -> dict:
@@ -133,6 +148,30 @@ def evaluate(params: dict, x: np.ndarray, y: np.ndarray, cfg: Mlp) -> dict:
     return scores(model.predict(params, x, cfg.kernel, cfg.window_norm), y)
 
 
+def validation_losses(params: dict, data: ForecastData, cfg: Mlp, halves) -> dict:
+    """valid_loss on every validation window and, with halves, valid_loss_a / _b on each block."""
+    pred = model.predict(params, data.x_val, cfg.kernel, cfg.window_norm)
+    losses = {"valid_loss": scores(pred, data.y_val)["mse"]}
+    if halves:
+        for key, rows in zip(("valid_loss_a", "valid_loss_b"), halves):
+            losses[key] = scores(pred[rows], data.y_val[rows])["mse"]
+    return losses
+
+
+def early_stopping_pick(losses: list[float], patience: int) -> int:
+    """The epoch (index into losses; 0 = before training) early stopping keeps: the lowest loss
+    seen before `patience` epochs in a row fail to improve on it (ties: the earlier)."""
+    best, stale = 0, 0
+    for epoch in range(1, len(losses)):
+        if losses[epoch] < losses[best]:
+            best, stale = epoch, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return best
+
+
 def learning_rate(cfg: Mlp, epoch: int) -> float:
     """The lr of an epoch (1-based): step multiplies it by lr_decay after every epoch; cosine
     anneals it from lr towards 0 over `epochs` (the value at each epoch's start)."""
@@ -159,7 +198,11 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
         params["s_w2"][:] = 0
         params["t_w2"][:] = 0
         result.params = {k: v.copy() for k, v in params.items()}
-        result.best_val_loss = evaluate(params, data.x_val, data.y_val, cfg)["mse"]
+    halves = validation_halves(len(data.x_val) // data.n_channels, data.n_channels, cfg.input_len + cfg.pred_len)
+    result.start_params = result.params
+    result.start_losses = validation_losses(params, data, cfg, halves)
+    if cfg.residual == "linear":
+        result.best_val_loss = result.start_losses["valid_loss"]
     velocity = {k: np.zeros_like(v) for k, v in params.items()}
     n_windows = len(data.x_train) // data.n_channels
     channel_offsets = np.arange(data.n_channels)
@@ -200,7 +243,7 @@ def fit(data: ForecastData, cfg: Mlp, seed: int, on_epoch: Callable[[dict], None
                              f"lower this variant's lr in params.yaml (mlp.variants.<variant>.lr or "
                              f"mlp.defaults.lr, e.g. 5x smaller) or clip gradients (mlp.defaults.clip_norm: 1.0)")
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-               "valid_loss": evaluate(params, data.x_val, data.y_val, cfg)["mse"], "lr": lr}
+               **validation_losses(params, data, cfg, halves), "lr": lr}
         result.history.append(row)
         progress.epoch_line(epoch, cfg.epochs, time.perf_counter() - epoch_start, prefix=label,
                             train_loss=row["train_loss"], valid_loss=row["valid_loss"], lr=lr)
@@ -236,3 +279,64 @@ def fit_auto(data: ForecastData, cfg: Mlp, seed: int, label: str = "mlp") -> tup
                for norm in candidates}
     chosen = min(results, key=lambda norm: results[norm].best_val_loss)
     return chosen, results
+
+
+def cross_fitted_loss(result: FitResult, patience: int, trained: bool = True) -> float | None:
+    """Validation loss of early stopping's pick, measured where it did not pick: the epoch picked on
+    block a scored on block b, and the other way round, averaged; trained=False scores the start
+    (the base) the same way. None without halves (a validation split under two windows)."""
+    rows = [result.start_losses, *result.history]
+    if "valid_loss_a" not in result.start_losses:
+        return None
+    curve = {h: [row[f"valid_loss_{h}"] for row in rows] for h in "ab"}
+    pick = {h: early_stopping_pick(curve[h], patience) if trained else 0 for h in "ab"}
+    return (curve["b"][pick["a"]] + curve["a"][pick["b"]]) / 2
+
+
+@dataclass
+class CrossCheck:
+    trained: float   # seed mean of the cross-fitted loss of the early-stopped MLPs
+    base: float      # seed mean of the same for the starting forecast (the ridge base)
+
+    @property
+    def keeps_trained(self) -> bool:
+        return self.trained < self.base   # ties keep the simpler model
+
+
+def cross_check(results: list[FitResult], patience: int) -> CrossCheck | None:
+    """Does training beat the base on validation once the pick's optimism is removed? Early
+    stopping keeps the lowest point of a noisy validation curve, so its validation loss flatters
+    it; scoring each half's pick on the other half does not. Averaged over the seeds (one seed's
+    curve is too noisy to decide by). None when a split is too short to halve."""
+    trained = [cross_fitted_loss(r, patience) for r in results]
+    if any(v is None for v in trained):
+        return None
+    return CrossCheck(float(np.mean(trained)), float(np.mean([cross_fitted_loss(r, patience, False) for r in results])))
+
+
+def back_to_start(result: FitResult) -> FitResult:
+    """The fit with its starting weights kept (epoch 0, the base), history unchanged."""
+    return replace(result, params=result.start_params, best_epoch=0,
+                   best_val_loss=result.start_losses["valid_loss"])
+
+
+@dataclass
+class VariantFit:
+    window_norm: str                    # the normalisation chosen on the first seed
+    candidates: dict[str, FitResult]    # the first seed's fit under each normalisation tried
+    results: dict[int, FitResult]       # seed -> the fit kept (after the cross-check)
+    check: CrossCheck | None            # residual: linear with cross_check: the decision
+
+
+def fit_seeds(data: ForecastData, cfg: Mlp, seeds: list[int], label: str = "mlp") -> VariantFit:
+    """A variant as the stage trains it: window_norm: auto chooses on the first seed, the other seeds
+    train the chosen one; then, with residual: linear and cross_check, every seed keeps its base
+    unless the cross-check says the trained MLPs beat it."""
+    chosen, candidates = fit_auto(data, cfg, seeds[0], label=label)
+    results = {seeds[0]: candidates[chosen]}
+    for seed in seeds[1:]:
+        results[seed] = fit(data, replace(cfg, window_norm=chosen), seed, label=f"{label} [{chosen}, seed {seed}]")
+    check = cross_check(list(results.values()), cfg.patience) if cfg.residual == "linear" and cfg.cross_check else None
+    if check and not check.keeps_trained:
+        results = {seed: back_to_start(r) for seed, r in results.items()}
+    return VariantFit(chosen, candidates, results, check)

@@ -450,6 +450,20 @@ def test_window_norm_lines_appear_only_for_variants_that_report_candidate_losses
     assert "Window normalisation per variant" not in build.Report(workspace).build("abc1234")
 
 
+def test_each_cross_checked_variant_lists_what_it_kept_and_both_losses(workspace):
+    heading = ("Trained MLPs or their ridge base, per variant (`cross_check`): early stopping's pick on each half of "
+               "the validation windows scored on the other half, seed mean; the MLPs are kept only when that beats "
+               "the base scored the same way:")
+    assert heading not in build.Report(workspace).build("abc1234")   # no variant reports a check
+    for variant, check in (("default", {"trained": 0.80153, "base": 0.79961, "kept": "base"}),
+                           ("h2048", {"trained": 0.5, "base": 0.6, "kept": "trained"})):
+        details = _read(f"metrics/mlp/{variant}.details.json")
+        _write(f"metrics/mlp/{variant}.details.json", {**details, "cross_check": check})
+    assert _lines_after(build.Report(workspace).build("abc1234"), heading)[:4] == [
+        "", "- mlp@default: **base** (trained MLPs 0.8015, base 0.7996)",
+        "- mlp@h2048: **trained** (trained MLPs 0.5000, base 0.6000)", ""]
+
+
 def test_the_published_etth1_results_are_listed_from_the_references(workspace):
     text = build.Report(workspace).build("abc1234")
     pub = REFS["mlp"]["published"]
