@@ -3,7 +3,7 @@ learning rate multiplied by `lr_decay` after every epoch (or annealed by a cosin
 on validation loss with the best-validation weights kept. `residual: linear` starts the MLPs from a
 closed-form per-channel ridge forecast (ridge chosen on validation) and trains only what it misses;
 with `cross_check`, the trained MLPs replace that base only if early stopping's pick holds up on
-validation windows it did not pick on (`cross_check`). `window_norm: auto` trains every
+validation windows it did not pick on. `window_norm: auto` trains every
 normalisation and keeps the one with the lowest validation loss; the test split is never looked at
 during training or choosing."""
 
