@@ -141,3 +141,17 @@ def test_fit_seeds_trains_the_first_seeds_choice_of_normalisation_on_the_other_s
     fitted = forecaster.fit_seeds(_data(n_windows=40, channels=2), cfg, [5, 6, 7], label="t")
     assert trained == [("last", 6), ("last", 7)]
     assert fitted.window_norm == "last" and fitted.results[5] is fitted.candidates["last"]
+
+
+def test_fit_seeds_labels_every_seeds_lines_with_its_normalisation_and_seed(capsys):
+    forecaster.fit_seeds(_data(n_windows=40, channels=2), _cfg(epochs=1), [0, 1], label="t")
+    out = capsys.readouterr().out
+    assert "t [none, seed 0] epoch 1/1" in out and "t [none, seed 1] epoch 1/1" in out
+    forecaster.fit_seeds(_data(n_windows=40, channels=2), _cfg(epochs=1), [4])
+    assert "mlp [none, seed 4] epoch 1/1" in capsys.readouterr().out   # the default label
+
+
+@pytest.mark.parametrize("epoch, expected", [(1, 2.0), (6, 1.0 + np.cos(np.pi / 4)), (11, 1.0), (21, 0.0)])
+def test_the_cosine_schedule_anneals_lr_to_zero_over_the_epochs(epoch, expected):
+    cfg = _cfg(lr=2.0, epochs=20, lr_schedule="cosine", lr_decay=0.5)   # lr_decay is the step schedule's
+    assert forecaster.learning_rate(cfg, epoch) == pytest.approx(expected, abs=1e-12)
