@@ -155,3 +155,17 @@ def test_fit_seeds_labels_every_seeds_lines_with_its_normalisation_and_seed(caps
 def test_the_cosine_schedule_anneals_lr_to_zero_over_the_epochs(epoch, expected):
     cfg = _cfg(lr=2.0, epochs=20, lr_schedule="cosine", lr_decay=0.5)   # lr_decay is the step schedule's
     assert forecaster.learning_rate(cfg, epoch) == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_residual_fit_that_only_gets_worse_keeps_its_base_at_epoch_0():
+    data = _data(n_windows=40, channels=2, val_is_train=False)
+    cfg = _cfg(residual="linear", ridge=[0.0], epochs=2, lr=10.0, clip_norm=1.0)   # wild steps: worse every epoch
+    result = forecaster.fit(data, cfg, seed=0)
+    assert all(row["valid_loss"] > result.start_losses["valid_loss"] for row in result.history)
+    assert result.best_epoch == 0 and result.best_val_loss == result.start_losses["valid_loss"]
+    assert all(np.array_equal(result.params[k], result.start_params[k]) for k in result.params)
+
+
+def test_the_base_map_takes_the_training_dtype():
+    result = forecaster.fit(_data(n_windows=40, channels=2), _cfg(residual="linear", ridge=[0.0], dtype="float32"), 0)
+    assert result.params["lin_w"].dtype == np.float32
