@@ -162,8 +162,7 @@ def crosscheck(defaults, seeds: list[int], names: list[str]) -> None:
                   f"{result.start_losses['valid_loss']:.4f}), cross-fitted {cross_fitted_loss(result, defaults.patience):.5g}"
                   f" / {cross_fitted_loss(result, defaults.patience, trained=False):.5g}", flush=True)
         check = cross_check(list(fitted.results.values()), defaults.patience)
-        print(f"  mean: trained {check.trained:.5g}, base {check.base:.5g}: keeps the "
-              f"{'trained MLPs' if check.keeps_trained else 'base'}", flush=True)
+        print(f"  mean: trained {check.trained:.5g}, base {check.base:.5g}: kept: {check.kept}", flush=True)
 
 
 def _test_cell(cfg, results, data) -> str:

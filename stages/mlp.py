@@ -55,7 +55,7 @@ def main(argv):
         chosen, candidates, results, check = fitted.window_norm, fitted.candidates, fitted.results, fitted.check
         first = results[seeds[0]]
         tracker.params({"window_norm_chosen": chosen, **({"ridge_chosen": first.base.ridge} if first.base else {}),
-                        **({"cross_check_kept": "trained" if check.keeps_trained else "base"} if check else {})})
+                        **({"cross_check_kept": check.kept} if check else {})})
         for row in first.history:
             tracker.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
@@ -87,8 +87,8 @@ def main(argv):
                    **({"ridge": str(first.base.ridge),
                        "ridge_val_loss": {str(k): v for k, v in first.base.val_loss.items()}} if first.base else {}),
                    # the cross-check: seed means of the picks' losses on the half they were not picked on
-                   **({"cross_check": {"trained": check.trained, "base": check.base,
-                                       "kept": "trained" if check.keeps_trained else "base"}} if check else {}),
+                   **({"cross_check": {"trained": check.trained, "base": check.base, "kept": check.kept}}
+                      if check else {}),
                    "per_seed": per_seed,
                    "baselines_val": naive_splits["val"],
                    "dataset": name, "data_sha256": sha256, "data_pinned": bool(pin)}
@@ -127,7 +127,7 @@ def main(argv):
     print(f"mlp@{variant}: window_norm {chosen} (validation loss: {choice})")
     if check:
         print(f"mlp@{variant}: cross-checked validation loss, trained MLPs {check.trained:.4f} vs base {check.base:.4f}: "
-              f"every seed keeps the {'trained MLPs' if check.keeps_trained else 'base'}")
+              f"kept: {check.kept}")
     print(f"mlp@{variant}: test MSE {metrics['test_mse']:.4f} ± {metrics['test_mse_std']:.2g} "
           f"MAE {metrics['test_mae']:.4f} ± {metrics['test_mae_std']:.2g} over seeds {seeds} "
           f"({n_test_windows} windows, {timing['train_seconds']:.1f}s)")

@@ -302,6 +302,10 @@ class CrossCheck:
     def keeps_trained(self) -> bool:
         return self.trained < self.base   # ties keep the simpler model
 
+    @property
+    def kept(self) -> str:
+        return "trained" if self.keeps_trained else "base"
+
 
 def cross_check(results: list[FitResult], patience: int) -> CrossCheck | None:
     """Does training beat the base on validation once the pick's optimism is removed? Early

@@ -69,8 +69,8 @@ def test_the_check_averages_the_seeds_and_a_tie_keeps_the_base():
     hurts = _result(a=[1.0, 0.9, 2.0], b=[2.0, 1.0, 0.9])   # picks 1 and 2, cross (1.0 + 2.0) / 2 = 1.5, base 1.5
     check = forecaster.cross_check([helps, hurts], patience=5)
     assert check == CrossCheck(trained=pytest.approx(1.0), base=pytest.approx(1.25))
-    assert check.keeps_trained
-    assert not CrossCheck(trained=1.0, base=1.0).keeps_trained
+    assert check.keeps_trained and check.kept == "trained"
+    assert not CrossCheck(trained=1.0, base=1.0).keeps_trained and CrossCheck(1.0, 1.0).kept == "base"
     assert not CrossCheck(trained=1.1, base=1.0).keeps_trained
 
 
