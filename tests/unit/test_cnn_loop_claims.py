@@ -961,6 +961,27 @@ def test_activation_estimate_counts_every_leaf_output_of_one_image():
     assert model.training
 
 
+def test_the_suggested_batch_size_is_what_the_memory_left_after_the_weights_holds(monkeypatch):
+    import re
+    from pipeline.train.distributed import World
+    monkeypatch.delenv("PIPELINE_FORCE", raising=False)
+    model, per_image, weights = _Conv(), 2 * (2 * 4 * 4 * 4), 6 * 4   # fp32 bytes: two 2x4x4 outputs; 6 weights
+
+    def suggested(free: int, batch_size: int) -> int:
+        monkeypatch.setattr(cnn_loop, "available_memory", lambda device: free)
+        with pytest.raises(StageError) as refused:
+            cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=batch_size), SINGLE)
+        return int(re.search(r"batch_size=(\d+)`", str(refused.value))[1])
+
+    # weights, gradients and Adam's two moments (4x the weights) come off first: 36.996 images fit
+    assert suggested(37 * per_image + 4 * weights - 1, 200) == 36
+    assert suggested(4 * weights - 1, 200) == 1          # not even the weights fit: the floor is 1
+    # 201 over 2 processes is 101 a process (rounded up), so 100.5 images' worth is refused
+    monkeypatch.setattr(cnn_loop, "available_memory", lambda device: int(100.5 * per_image) + 4 * weights)
+    with pytest.raises(StageError):
+        cnn_loop.refuse_too_big(model, _split([0]), _cfg(batch_size=201), World(0, 2, 0))
+
+
 def test_a_batch_that_cannot_fit_the_memory_is_refused_before_the_first_step_unless_forced(monkeypatch):
     monkeypatch.delenv("PIPELINE_FORCE", raising=False)
     model = _Conv()
