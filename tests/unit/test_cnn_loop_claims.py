@@ -600,6 +600,16 @@ def test_the_curve_ends_at_the_last_step_with_the_mean_loss_since_the_last_log()
     assert result.curve[0]["train_loss"] == pytest.approx(sum(_expected_losses(cfg, 2)) / 2, rel=1e-5)   # steps 1-2
 
 
+def test_the_last_curve_row_averages_every_step_since_the_last_point_and_mlflow_gets_the_same_row():
+    cfg = _cfg(epochs=1, max_steps_per_epoch=0, batch_size=2, log_every=1000, lr=0.05)
+    _, result, logs = _train(cfg, splits=_splits(n_train=28))   # 14 steps: a point every 3, then steps 13-14
+    assert [r["step"] for r in result.curve] == [3, 6, 9, 12, 14]
+    losses = _expected_losses(cfg, 14)
+    assert result.curve[-1]["train_loss"] == pytest.approx((losses[12] + losses[13]) / 2, rel=1e-5)
+    final = [(m, s) for m, s in logs if "train_loss" in m][-1]
+    assert final == ({k: result.curve[-1][k] for k in ("train_loss", "val_auc", "val_acc")}, 14)
+
+
 def test_the_best_is_kept_when_no_epoch_beats_the_initial_minus_one():
     zero = torch.zeros(4, 6, 3)      # AUC 0.5, ACC 1/3 every epoch: the first epoch is the best
     model, result, _ = _train(_cfg(epochs=2, select_by="acc"), model=Scripted(zero))
