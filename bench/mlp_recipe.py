@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipeline import params as P
 from pipeline.data import ett
-from pipeline.train.forecaster import (ForecastData, back_to_start, baselines, cross_check, cross_fitted_loss, fit,
+from pipeline.train.forecaster import (ForecastData, baselines, cross_check, cross_checked, cross_fitted_loss, fit,
                                        fit_base, fit_seeds, scores)
 from pipeline.models.mlp_forecaster import predict
 
@@ -186,13 +186,11 @@ def evaluate(defaults, seeds: list[int], names: list[str]) -> None:
         start = time.process_time()
         fitted = fit_seeds(data, replace(defaults, cross_check=False), seeds, label="bench")
         trained = list(fitted.results.values())
-        check = cross_check(trained, defaults.patience) if defaults.residual == "linear" else None
-        after = trained if not defaults.cross_check or check is None or check.keeps_trained \
-            else [back_to_start(r) for r in trained]
+        after, check = cross_checked(fitted.results, defaults)   # the same fits, as the stage keeps them
         cpu.append(f"{time.process_time() - start:.0f}")
         after_cfg = replace(defaults, window_norm=fitted.window_norm)
         cells += [_test_cell(before_cfg, before, data), _test_cell(after_cfg, trained, data),
-                  _test_cell(after_cfg, after, data)]
+                  _test_cell(after_cfg, after.values(), data)]
         print(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(cpu)} |", flush=True)
         print(f"  {name}: after chose window_norm {fitted.window_norm}"
               + ("" if trained[0].base is None else f", ridge {trained[0].base.ridge:g}")

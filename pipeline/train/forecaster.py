@@ -340,7 +340,14 @@ def fit_seeds(data: ForecastData, cfg: Mlp, seeds: list[int], label: str = "mlp"
     results = {seeds[0]: candidates[chosen]}
     for seed in seeds[1:]:
         results[seed] = fit(data, replace(cfg, window_norm=chosen), seed, label=f"{label} [{chosen}, seed {seed}]")
+    results, check = cross_checked(results, cfg)
+    return VariantFit(chosen, candidates, results, check)
+
+
+def cross_checked(results: dict[int, FitResult], cfg: Mlp) -> tuple[dict[int, FitResult], CrossCheck | None]:
+    """The seeds' fits as the cross-check leaves them (all trained, or all back at their base) and
+    the check; with residual: none or cross_check off, the fits as they are and no check."""
     check = cross_check(list(results.values()), cfg.patience) if cfg.residual == "linear" and cfg.cross_check else None
     if check and not check.keeps_trained:
         results = {seed: back_to_start(r) for seed, r in results.items()}
-    return VariantFit(chosen, candidates, results, check)
+    return results, check
