@@ -185,13 +185,3 @@ def test_pin_mismatch_names_the_file_and_the_pin(tmp_path):
     assert "ETTh2.csv" in result.stderr and f"expected {wrong}" in result.stderr
     assert "data.ett.pins.ETTh2" in result.stderr and "Traceback" not in result.stderr
     assert not (repo / "data/raw/ETTh2.csv").exists()
-
-
-def test_inf_in_a_csv_is_refused_naming_the_column_and_row(tmp_path):
-    frame = ett.load_csv(SHARED_DATA / "ETTh1.csv").iloc[:50]
-    frame["MULL"] = frame["MULL"].astype(object)
-    frame.loc[7, "MULL"] = "inf"
-    frame.to_csv(tmp_path / "inf.csv", index=False)
-    with pytest.raises(DataError, match=r"1 rows hold an infinite value \(first: column 'MULL', data row 8, "
-                                        r"date 2016-07-01 07:00:00\)"):
-        ett.load_csv(tmp_path / "inf.csv")

@@ -135,6 +135,24 @@ def test_load_csv_accepts_a_good_file_and_refuses_bad_ones(tmp_path):
         ett.load_csv(tmp_path / "empty.csv")
 
 
+def test_an_infinite_value_is_refused_naming_the_first_column_row_and_date(tmp_path):
+    frame = _frame(30).astype({"c1": object, "OT": object})
+    frame.loc[9, "OT"] = "-inf"     # row 9 holds two; the first by row, then by column, is named
+    frame.loc[9, "c1"] = "inf"
+    frame.loc[20, "OT"] = "inf"
+    frame.to_csv(tmp_path / "inf.csv", index=False)
+    with pytest.raises(DataError, match=r"2 rows hold an infinite value \(first: column 'c1', data row 10, "
+                                        r"date 2016-07-01 09:00:00\)"):
+        ett.load_csv(tmp_path / "inf.csv")
+
+
+def test_a_true_false_column_beside_float_columns_loads(tmp_path):
+    """A holiday flag is a numeric covariate (pandas reads it as bool); the infinity check must not
+    choke on the mixed frame."""
+    _frame(30).assign(holiday=[True, False] * 15).to_csv(tmp_path / "flags.csv", index=False)
+    assert ett.load_csv(tmp_path / "flags.csv")["holiday"].dtype == bool
+
+
 def _direction_reference(series, target, window, horizon, threshold, classes, stride):
     xs, labels = [], []
     for s in range(0, len(series) - window - horizon + 1, stride):
