@@ -281,3 +281,30 @@ def test_wrap_on_cuda_is_ddp_over_syncbatchnorm_on_the_ranks_device(fake_ddp):
     assert isinstance(net, FakeDDP) and len(fake_ddp) == 1
     module, kw = fake_ddp[0]
     assert kw == {"device_ids": [1]} and type(module[1]) is nn.SyncBatchNorm
+
+
+def test_cross_process_batch_norm_computes_on_the_inputs_device(one_rank_group, monkeypatch):
+    """Every tensor of the computation lives where the batch does (a GPU rank's statistics are not
+    built on the CPU): shown on the meta device, where mixing in a CPU tensor is an error."""
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, group=None, **kw: tensor.mul_(2))
+    cross = CrossProcessBatchNorm2d(3).to("meta")
+    out = cross(torch.randn(4, 3, 5, 6, device="meta"))
+    assert out.device.type == "meta" and out.shape == (4, 3, 5, 6)
+    assert cross.running_mean.device.type == "meta" and cross.running_var.device.type == "meta"
+
+
+def test_cross_process_batch_norm_keeps_a_bfloat16_models_dtype(one_rank_group, monkeypatch):
+    """A bfloat16 model stays bfloat16, as with torch's BatchNorm2d: the output, the running
+    statistics and the input gradient (statistics of the global batch of two ranks, as above)."""
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, group=None, **kw: tensor.mul_(2))
+    plain, cross = _pair()
+    plain, cross = plain.to(torch.bfloat16), cross.to(torch.bfloat16)
+    x = (torch.randn(4, 3, 5, 6, generator=torch.Generator().manual_seed(3)) + 1).to(torch.bfloat16)
+    xc = x.clone().requires_grad_()
+    out = cross(xc)
+    out.sum().backward()
+    assert out.dtype == xc.grad.dtype == torch.bfloat16
+    assert cross.running_mean.dtype == cross.running_var.dtype == torch.bfloat16
+    want = plain(torch.cat([x, x]))[:4]
+    assert torch.allclose(out.float(), want.float(), rtol=0.02, atol=0.05)
+    assert torch.allclose(cross.running_var.float(), plain.running_var.float(), rtol=0.02, atol=0.02)

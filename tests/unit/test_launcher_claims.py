@@ -54,6 +54,42 @@ signal.signal(signal.SIGTERM, record)
 (out / ("up" + os.environ["RANK"])).touch()
 time.sleep(600)
 """,
+    # rank 0 ends at once; rank 1 runs on well past it (polls see rank 0 done), then fails with 3
+    "rank_fails_late": """
+import os, pathlib, sys, time
+out = pathlib.Path(os.environ["OUT"])
+if os.environ["RANK"] == "0":
+    (out / "done0").touch()
+    sys.exit(0)
+deadline = time.monotonic() + 60
+while not (out / "done0").exists() and time.monotonic() < deadline:
+    time.sleep(0.02)
+time.sleep(0.5)
+(out / "finished1").touch()
+sys.exit(3)
+""",
+    # rank 1 fails with 3 once 0 and 2 are up; rank 0, terminated, exits 1; rank 2 ignores SIGTERM
+    # and keeps running 0.5 s past rank 0's end (the launcher polls while 0 and 1 have both failed)
+    "rank_fails_others_slow": """
+import os, pathlib, signal, sys, time
+out = pathlib.Path(os.environ["OUT"])
+rank = os.environ["RANK"]
+deadline = time.monotonic() + 60
+if rank == "1":
+    while not all((out / f"up{r}").exists() for r in (0, 2)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    sys.exit(3)
+if rank == "0":
+    signal.signal(signal.SIGTERM, lambda signum, frame: ((out / "terminated0").touch(), sys.exit(1)))
+    (out / "up0").touch()
+    time.sleep(60)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+(out / "up2").touch()
+while not (out / "terminated0").exists() and time.monotonic() < deadline:
+    time.sleep(0.02)
+time.sleep(0.5)
+""",
+    "rank_sleeps": "import time\ntime.sleep(0.5)\n",
     # a real gloo group through the launcher's store: 1 + 2 summed over both ranks
     "rank_group": """
 import os, pathlib, torch, torch.distributed as dist
@@ -87,7 +123,7 @@ def test_each_rank_gets_torchruns_environment_around_a_loopback_store(ranks):
     assert distributed.launch_local(2, "rank_env", ["--flag", "x"]) == 0
     seen = {r: json.loads((ranks / str(r)).read_text()) for r in (0, 1)}
     port = seen[0]["env"]["MASTER_PORT"]
-    assert int(port) > 0
+    assert 1024 <= int(port) < 65536   # a free port the kernel gave, not a fixed one
     for rank, said in seen.items():
         assert said["argv"] == ["--flag", "x"]
         assert said["env"] == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
@@ -135,3 +171,35 @@ def test_the_ranks_run_this_python(ranks, monkeypatch):
     monkeypatch.setattr(distributed.subprocess, "Popen", lambda cmd, **kw: calls.append(cmd) or real(cmd, **kw))
     assert distributed.launch_local(1, "rank_env", ["a"]) == 0
     assert calls == [[sys.executable, "-m", "rank_env", "a"]]
+
+
+def test_a_rank_that_ends_first_is_waited_for_and_a_later_failure_is_the_runs_code(ranks):
+    # rank 0 exits 0 while rank 1 still works: that is no failure, rank 1 runs to its end; its 3
+    # (seen only once every rank has ended) is the run's code, not rank 0's 0
+    assert distributed.launch_local(2, "rank_fails_late", []) == 3
+    assert (ranks / "finished1").exists()
+
+
+def test_the_runs_code_is_the_first_failure_not_that_of_a_rank_ended_because_of_it(ranks):
+    # rank 1 fails (3); rank 0, ended by the launcher, exits 1 while rank 2 still runs: still 3
+    assert distributed.launch_local(3, "rank_fails_others_slow", []) == 3
+    assert (ranks / "terminated0").exists()
+
+
+def test_the_launcher_looks_at_its_ranks_every_fifth_of_a_second(ranks, monkeypatch):
+    # a rank's end or failure is noticed within 0.2 s, not seconds later
+    sleeps, real = [], time.sleep
+    monkeypatch.setattr(distributed.time, "sleep", lambda s: (sleeps.append(s), real(s))[1])
+    assert distributed.launch_local(1, "rank_sleeps", []) == 0
+    assert sleeps and all(0 < s <= 0.2 for s in sleeps), sleeps
+
+
+def test_the_store_counts_the_ranks_and_the_launcher_and_does_not_wait_for_them(ranks, monkeypatch):
+    # torchrun's agent store: one client per rank plus the launcher itself; the ranks start after
+    # the store, so waiting for them in its constructor would hang the launch
+    calls, real = [], distributed.dist.TCPStore
+    monkeypatch.setattr(distributed.dist, "TCPStore", lambda *a, **kw: (calls.append((a, kw)), real(*a, **kw))[1])
+    assert distributed.launch_local(2, "rank_env", []) == 0
+    (args, kw), = calls
+    assert args[:4] == ("127.0.0.1", int(json.loads((ranks / "0").read_text())["env"]["MASTER_PORT"]), 3, True)
+    assert not kw["wait_for_workers"]
