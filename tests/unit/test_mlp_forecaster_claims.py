@@ -221,6 +221,18 @@ def test_revin_gradients_keep_the_parameter_dtype():
     assert grads["rv_w"].dtype == np.float32 and grads["rv_b"].dtype == np.float32
 
 
+def test_a_float32_revin_step_computes_in_float32_without_float64_copies(monkeypatch):
+    """Training is float32 for speed and memory: every moving average of a float32 step (forward's
+    trend, backward's L x L decomposition matrix) is taken of a float32 array, not a float64 one."""
+    params = _params(13, channels=2, dtype=np.float32)
+    x = np.random.default_rng(14).normal(size=(4, L)).astype(np.float32)
+    seen, real = [], model.moving_average
+    monkeypatch.setattr(model, "moving_average", lambda a, kernel: (seen.append(a.dtype), real(a, kernel))[1])
+    pred, cache = model.forward(params, x, K, "revin")
+    grads = model.backward(params, cache, np.ones((4, P), np.float32))
+    assert len(seen) == 2 and set(seen) == {np.dtype(np.float32)}       # forward's trend, backward's matrix
+    assert all(g.dtype == np.float32 for g in grads.values())
+
 def test_mse_grad_is_the_element_mean_squared_error_and_its_gradient():
     pred = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
     target = np.array([[0.0, 2.0, 1.0], [1.0, 1.0, 4.0]])
