@@ -243,6 +243,27 @@ def test_synthetic_classes_differ_in_colour_and_multi_labels_are_about_30_percen
     assert 0.27 < multi.mean() < 0.33
 
 
+@pytest.mark.parametrize("name", ["chestmnist", "pathmnist"])
+def test_synthesizing_peaks_under_30_bytes_per_pixel_so_224_px_sets_fit(name):
+    # Memory is what limits a synthetic set at 224 px (hence one label at a time). The multi-label
+    # texture, colours, brightness and noise are float32: about 28 bytes per output pixel at the peak
+    # (the sines are float64). A float64 texture or image array would need 32 or more.
+    import tracemalloc
+
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        arrays = images.synthesize(64, {"train": 40, "val": 1, "test": 1}, 0, name)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        if started:
+            tracemalloc.stop()
+    assert peak / arrays["train_images"].size < 30
+
+
 # ---------------------------------------------------------------- save_npz, load
 
 def _layout(n=(6, 3, 4), size=5, rgb=False, labels_of=None, seed=0):
@@ -527,3 +548,26 @@ def test_a_label_beyond_any_sensible_class_count_is_refused(tmp_path):
     np.savez(tmp_path / "ids.npz", **arrays)
     with pytest.raises(DataError, match=r"test_labels has the value 123456; .* below 1000"):
         images.load(tmp_path / "ids.npz", name="mine", source="file")
+
+
+def test_a_file_that_is_not_an_npz_archive_is_told_how_to_remake_it(tmp_path):
+    # the whole remedy, word for word: how to save the layout, or how to get the set made again
+    path = tmp_path / "mine.npz"
+    path.write_text("train_images,train_labels\n1,2\n")
+    with pytest.raises(DataError) as caught:
+        images.load(path, name="mine", source="file")
+    assert str(caught.value).endswith(
+        "; save it with numpy.savez(path, train_images=..., train_labels=..., ...) "
+        "(or delete it and re-run `dvc repro download_images`)")
+
+
+def test_labels_up_to_999_are_taken_and_1000_is_the_first_refused(tmp_path):
+    # MAX_CLASSES = 1000 is the most classes a set may have: labels 0..999, a 1000-way head
+    arrays = _user_arrays()
+    arrays["test_labels"] = np.array([[0], [1], [0], [1], [0], [999]], np.int64)
+    np.savez(tmp_path / "top.npz", **arrays)
+    assert images.load(tmp_path / "top.npz", name="mine", source="file").n_classes == images.MAX_CLASSES == 1000
+    arrays["test_labels"][-1, 0] = 1000
+    np.savez(tmp_path / "over.npz", **arrays)
+    with pytest.raises(DataError, match=r"test_labels has the value 1000; .* below 1000"):
+        images.load(tmp_path / "over.npz", name="mine", source="file")
