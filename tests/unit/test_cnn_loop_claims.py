@@ -1056,3 +1056,206 @@ def test_a_projection_beyond_the_limit_is_refused_unless_forced(monkeypatch):
         cnn_loop.refuse_absurd("too long", limit + 1)
     monkeypatch.setenv("PIPELINE_FORCE", "1")
     cnn_loop.refuse_absurd("forced", limit * 10)
+
+
+# ---- CUDA paths without a GPU, checkpoints from elsewhere, the loop's edges ------------------------
+
+def test_available_memory_is_the_free_memory_of_the_training_cuda_device(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (asked.append(device), (123_456_789, 10**12))[1])
+    assert cnn_loop.available_memory(torch.device("cuda", 1)) == 123_456_789   # free, not total
+    assert asked == [torch.device("cuda", 1)]                                  # that device, not the current one
+    import psutil
+    assert abs(cnn_loop.available_memory(CPU) - psutil.virtual_memory().available) < 2**30 and len(asked) == 1
+
+
+def _no_gpu_but_cuda_calls_recorded(monkeypatch):
+    """No GPU here: pinning and copies to a CUDA device are recorded instead of done (the tensor stays
+    on the CPU, a pinned one is marked). Returns the list of copies: (device, non_blocking, from pinned)."""
+    copies = []
+    real_to = torch.Tensor.to
+
+    def pin_memory(self):
+        out = self.clone()
+        out.pinned_for_test = True
+        return out
+
+    def to(self, *args, **kwargs):
+        device = args[0] if args and isinstance(args[0], (torch.device, str, type(None))) else kwargs.get("device")
+        pinned = getattr(self, "pinned_for_test", False)
+        if pinned or (device is not None and torch.device(device).type == "cuda"):
+            copies.append((device, kwargs.get("non_blocking", False), pinned))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return copies
+
+
+def test_splits_too_big_for_a_cuda_device_are_kept_in_pinned_host_memory(monkeypatch, capsys):
+    data = _image_set()
+    copies = _no_gpu_but_cuda_calls_recorded(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10, 10**9))   # 10 bytes free: far too small
+    cuda = torch.device("cuda")
+    for keep_on_host in (None, True):
+        splits = cnn_loop.to_device(data, cuda, keep_on_host=keep_on_host)
+        for s, split in splits.items():
+            assert split.on_host and split.device == cuda
+            assert getattr(split.images, "pinned_for_test", False)     # pinned: batches copy asynchronously
+            assert torch.equal(split.images, torch.from_numpy(data.images[s]))
+    assert "kept in pinned host memory" in capsys.readouterr().out
+    # Only the targets went to the device (one per split, per call), the images never did.
+    assert [(d, pinned) for d, _, pinned in copies] == [(cuda, False)] * 6
+
+
+def test_a_host_kept_batch_for_a_cuda_device_is_pinned_then_copied_without_blocking(monkeypatch):
+    copies = _no_gpu_but_cuda_calls_recorded(monkeypatch)
+    cuda = torch.device("cuda")
+    host = _random_split(5, 4)
+    split = replace(host, device=cuda, on_host=True)
+    index = torch.tensor([3, 1])
+    x = split.batch(index)
+    assert copies == [(cuda, True, True)]        # one asynchronous copy of the pinned gathered images
+    assert torch.allclose(x, host.images[index].permute(0, 3, 1, 2).float() / 127.5 - 1)
+
+
+def _as_written_on_a_gpu(state, path, monkeypatch):
+    """Save `state` as a CUDA run would: every tensor's storage tagged cuda:0."""
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, path)
+
+
+def test_a_checkpoint_written_on_a_gpu_is_read_on_a_machine_without_one(tmp_path, monkeypatch):
+    cfg = _cfg(epochs=3, log_every=1)
+    _interrupt_at_epoch_log(Scripted(), _splits(), cfg, tmp_path, step=2)
+    (path,) = tmp_path.iterdir()
+    state = torch.load(path, weights_only=True)
+    _as_written_on_a_gpu(state, path, monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # When the settings differ, the differences are named from it, not from nothing ...
+    message = cnn_loop.resume_mismatch_message(tmp_path, {**state["config"], "lr": 0.2})
+    assert message.endswith("What differs (checkpoint -> now):\n  lr: 0.1 -> 0.2")
+    # ... and it resumes onto this run's device (a run moved from cuda:0 to cuda:1 has the same config).
+    model, resumed, _ = _train(cfg, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.resumed_from == 1 and len(model.train_inputs) == 2
+
+
+class _Payload:
+    """Pickled, it makes a directory when unpickled: stands for code smuggled into a checkpoint file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_checkpoint_file_is_never_unpickled_as_code(tmp_path):
+    import pickle
+    cfg = _cfg(epochs=3)
+    _interrupt_at_epoch_log(Scripted(), _splits(), cfg, tmp_path / "ck", step=2)
+    (path,) = (tmp_path / "ck").iterdir()
+    state = torch.load(path, weights_only=True)
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "extra": _Payload(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        _train(cfg, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert not marker.exists()
+    # The mismatch message reads the newest checkpoint's config the same safe way: nothing runs.
+    message = cnn_loop.resume_mismatch_message(tmp_path / "ck", {"lr": 0.2})
+    assert not marker.exists() and message.endswith("\n  lr: '(absent)' -> 0.2")
+
+
+def test_a_checkpoint_without_a_config_shows_every_key_as_new(tmp_path):
+    torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "old.pt")    # written before configs were kept
+    message = cnn_loop.resume_mismatch_message(tmp_path, {"lr": 0.2, "seed": 1})
+    assert message.endswith("What differs (checkpoint -> now):\n  lr: '(absent)' -> 0.2\n  seed: '(absent)' -> 1")
+
+
+def test_config_diff_names_a_new_key_even_when_its_value_is_none():
+    assert cnn_loop.config_diff({}, {"weights_file": None}) == ["weights_file: '(absent)' -> None"]
+    assert cnn_loop.config_diff({"weights_file": None}, {}) == ["weights_file: None -> '(absent)'"]
+
+
+def test_a_write_in_progress_is_never_named_as_the_newest_checkpoint(tmp_path):
+    torch.save({"config": {"lr": 0.1}}, tmp_path / "a.pt")
+    torch.save({"config": {"lr": 0.9}}, tmp_path / "tmp.b.pt.x1.pt")    # atomic_path's temporary name
+    os.utime(tmp_path / "a.pt", (1e9, 1e9))
+    os.utime(tmp_path / "tmp.b.pt.x1.pt", (2e9, 2e9))                    # newer, but half written
+    message = cnn_loop.resume_mismatch_message(tmp_path, {"lr": 0.2})
+    assert f"the newest one, {tmp_path / 'a.pt'}," in message and message.endswith("lr: 0.1 -> 0.2")
+
+
+def test_pruning_tolerates_a_file_another_starting_stage_removed_first(tmp_path):
+    # Two stages sharing the folder start at once: the other one unlinks the stale file right after
+    # this one has checked it (the last moment it can), and this one must not fail on that.
+    class Raced(type(tmp_path)):
+        def is_file(self):
+            found = super().is_file()
+            if found and self.name == "other.pt":
+                os.unlink(self)
+            return found
+
+    now = 1_000_000_000.0
+    for name, age in (("run.pt", 0), ("tmp.run.pt.1", 0), ("other.pt", 30 * 86400)):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    removed = cnn_loop.prune_checkpoints(Raced(tmp_path), Raced(tmp_path / "run.pt"), now=now)
+    assert sorted(p.name for p in removed) == ["other.pt", "tmp.run.pt.1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+def test_train_seconds_count_every_step_also_those_after_the_last_curve_point(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(cnn_loop, "time", clock)
+    cfg = _cfg(epochs=1, max_steps_per_epoch=0, batch_size=2, log_every=1000)
+    model, result, _ = _train(cfg, splits=_splits(n_train=28), model=Timed(clock))   # 14 steps, a point every 3
+    assert [r["step"] for r in result.curve] == [3, 6, 9, 12, 14]
+    assert len(model.train_inputs) == 14 and result.train_seconds == 14.0
+
+
+def test_several_processes_are_checked_against_memory_for_their_share_of_the_batch(monkeypatch):
+    from pipeline.train.distributed import World
+    monkeypatch.delenv("PIPELINE_FORCE", raising=False)
+    monkeypatch.setattr(cnn_loop.distributed, "wrap", lambda model, world, device: model)
+    # The scripted model: 12 bytes of output per image, 12 bytes of weights (48 with grads and Adam).
+    monkeypatch.setattr(cnn_loop, "available_memory", lambda device: 2 * 12 + 48)   # 2 images' worth
+    cfg = _cfg(epochs=1, batch_size=4)
+    model = Scripted()
+    cnn_loop.train(model, _splits(), cfg, 0, lambda m, s: None, world=World(1, 2, 1))   # 2 a process: fits
+    assert len(model.train_inputs) == 1
+    with pytest.raises(StageError, match="batch_size=4 needs about"):
+        _train(cfg)                                                                      # 4 in one: refused
+
+
+def test_the_refusal_of_an_absurd_projection_carries_the_projection(monkeypatch):
+    monkeypatch.setattr(cnn_loop, "projection", lambda *a: ("projected: 99 days (3 s/step)", 99 * 86400.0))
+    monkeypatch.delenv("PIPELINE_FORCE", raising=False)
+    with pytest.raises(StageError) as refused:
+        _train(_cfg(epochs=1, max_steps_per_epoch=0, batch_size=1))
+    assert str(refused.value).startswith("projected: 99 days (3 s/step)\nrefused: over 14 days.")
+
+
+def test_a_run_with_finite_scores_says_nothing_about_non_finite_ones(capsys):
+    _train(_cfg(epochs=2))
+    assert "no epoch had a finite" not in capsys.readouterr().out
+
+
+def test_progress_is_labelled_cnn_unless_the_caller_names_it(monkeypatch):
+    from pipeline import progress
+    names, real_bar = [], progress.bar
+    monkeypatch.setattr(progress, "bar", lambda steps, name, **k: (names.append(name), real_bar(steps, name, **k))[1])
+    _train(_cfg(epochs=2))
+    assert names == ["cnn epoch 1/2", "cnn epoch 2/2"]
+
+
+def test_a_run_without_a_checkpoint_folder_does_not_hash_the_data(tmp_path, monkeypatch):
+    # Hashing every split is seconds of work on a large set, needed only to name a checkpoint.
+    hashed, real = [], cnn_loop.data_digest
+    monkeypatch.setattr(cnn_loop, "data_digest", lambda splits: (hashed.append(1), real(splits))[1])
+    _train(_cfg(epochs=1))
+    assert hashed == []
+    _train(_cfg(epochs=1), checkpoint_dir=tmp_path)
+    assert hashed == [1]
