@@ -240,8 +240,12 @@ def prune_checkpoints(folder: Path, keep: Path, now: float | None = None) -> lis
     now = time.time() if now is None else now
     removed = []
     for path in folder.iterdir():
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:   # another stage starting beside this one pruned it first
+            continue
         ours = path.name.startswith(f"tmp.{keep.name}.")
-        old = path != keep and now - path.stat().st_mtime > PRUNE_AFTER_DAYS * 86400
+        old = path != keep and now - mtime > PRUNE_AFTER_DAYS * 86400
         if path.is_file() and (ours or old):
             path.unlink(missing_ok=True)
             removed.append(path)

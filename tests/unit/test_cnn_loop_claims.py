@@ -1207,6 +1207,23 @@ def test_pruning_tolerates_a_file_another_starting_stage_removed_first(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
 
 
+def test_pruning_skips_a_file_another_starting_stage_removed_before_it_was_looked_at(tmp_path):
+    # the other stage wins the race earlier: the file is listed, then gone before its age is read
+    class Raced(type(tmp_path)):
+        def stat(self, **kwargs):
+            if self.name == "other.pt" and os.path.exists(self):
+                os.unlink(self)
+            return super().stat(**kwargs)
+
+    now = 1_000_000_000.0
+    for name, age in (("run.pt", 0), ("tmp.run.pt.1", 0), ("other.pt", 30 * 86400), ("older.pt", 40 * 86400)):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    removed = cnn_loop.prune_checkpoints(Raced(tmp_path), Raced(tmp_path / "run.pt"), now=now)
+    assert sorted(p.name for p in removed) == ["older.pt", "tmp.run.pt.1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
 def test_train_seconds_count_every_step_also_those_after_the_last_curve_point(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(cnn_loop, "time", clock)
