@@ -58,6 +58,8 @@ def tally(statuses: dict[str, str], equivalent: dict[str, str]) -> tuple[dict[st
         counts[module_of(name)][status] += 1
         if status in NOT_CAUGHT:
             survivors.append(f"{name}: {status}")
+    # mutmut lists every mutant, checked or not: a name it does not know is left from a removed function
+    stale += [f"{name}: listed as equivalent but no such mutant" for name in equivalent if name not in statuses]
     return counts, survivors, stale
 
 
