@@ -1022,13 +1022,18 @@ def test_config_diff_names_every_differing_key_also_one_only_one_side_has():
     assert cnn_loop.config_diff({"a": 1}, {"a": 1}) == []
 
 
+def _aged_files(folder, now, ages):
+    """One small file per name, last modified `ages[name]` seconds before `now`."""
+    for name, age in ages.items():
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, (now - age, now - age))
+
+
 def test_prune_checkpoints_removes_this_runs_leftovers_and_files_older_than_the_limit_only(tmp_path):
     now, limit = 1_000_000_000.0, cnn_loop.PRUNE_AFTER_DAYS * 86400
     keep = tmp_path / "run.pt"
     ages = {"run.pt": limit * 3, "tmp.run.pt.123": 0, "other.pt": limit + 1, "at_limit.pt": limit, "new.pt": 0}
-    for name, age in ages.items():
-        (tmp_path / name).write_bytes(b"x")
-        os.utime(tmp_path / name, (now - age, now - age))
+    _aged_files(tmp_path, now, ages)
     removed = cnn_loop.prune_checkpoints(tmp_path, keep, now=now)
     assert sorted(p.name for p in removed) == ["other.pt", "tmp.run.pt.123"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["at_limit.pt", "new.pt", "run.pt"]
@@ -1199,9 +1204,7 @@ def test_pruning_tolerates_a_file_another_starting_stage_removed_first(tmp_path)
             return found
 
     now = 1_000_000_000.0
-    for name, age in (("run.pt", 0), ("tmp.run.pt.1", 0), ("other.pt", 30 * 86400)):
-        (tmp_path / name).write_bytes(b"x")
-        os.utime(tmp_path / name, (now - age, now - age))
+    _aged_files(tmp_path, now, {"run.pt": 0, "tmp.run.pt.1": 0, "other.pt": 30 * 86400})
     removed = cnn_loop.prune_checkpoints(Raced(tmp_path), Raced(tmp_path / "run.pt"), now=now)
     assert sorted(p.name for p in removed) == ["other.pt", "tmp.run.pt.1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
@@ -1216,9 +1219,7 @@ def test_pruning_skips_a_file_another_starting_stage_removed_before_it_was_looke
             return super().stat(**kwargs)
 
     now = 1_000_000_000.0
-    for name, age in (("run.pt", 0), ("tmp.run.pt.1", 0), ("other.pt", 30 * 86400), ("older.pt", 40 * 86400)):
-        (tmp_path / name).write_bytes(b"x")
-        os.utime(tmp_path / name, (now - age, now - age))
+    _aged_files(tmp_path, now, {"run.pt": 0, "tmp.run.pt.1": 0, "other.pt": 30 * 86400, "older.pt": 40 * 86400})
     removed = cnn_loop.prune_checkpoints(Raced(tmp_path), Raced(tmp_path / "run.pt"), now=now)
     assert sorted(p.name for p in removed) == ["older.pt", "tmp.run.pt.1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
